@@ -1,0 +1,125 @@
+"""Triton helpers shared by the attention kernels: which keys a query block sees, the scores in
+log2 units, the online-softmax update and the final normalization.
+
+The semantics are those of :mod:`tileattn.reference`: ``diag = Sk - Sq`` aligns the last query
+with the last key, and query ``i`` sees key ``j`` iff ``i + diag - left <= j <= i + diag + right``
+(each side only when bounded; causal is ``right = 0``).
+
+Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``, one MUFU op; the
+softmax scale and ``log2(e)`` are folded into a single multiply of the ``q @ k^T`` tile.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+# Mask kinds (constexpr switches of the kernels).
+MASK_NONE: tl.constexpr = 0
+MASK_BOOL: tl.constexpr = 1
+MASK_ADDITIVE: tl.constexpr = 2
+
+
+@triton.jit
+def key_block_ranges(
+    row_lo, row_hi, seqlen_k, diag, window_left, window_right,
+    BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Split the keys that queries ``row_lo..row_hi`` (inclusive) may see into three block-aligned
+    ranges ``[lo, full_lo) [full_lo, full_hi) [full_hi, hi)``: the middle one is visible to every row
+    of the block (no elementwise masking), the outer ones need it. Blocks outside ``[lo, hi)`` are
+    masked for every row and are never loaded (causal and sliding-window skipping)."""
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(row_lo + diag - window_left, 0)
+        full_lo = tl.maximum(row_hi + diag - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.maximum(row_hi + diag + window_right + 1, 0), seqlen_k)
+        full_hi = tl.minimum(tl.maximum(row_lo + diag + window_right + 1, 0), seqlen_k)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, hi)
+    full_lo = tl.maximum(full_lo, lo)
+    full_hi = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def load_tile(ptrs, idx_s, idx_d, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              CHECK_S: tl.constexpr):
+    """Load a Q/K/V tile whose sequence and head-dim indices broadcast as ``idx_s``, ``idx_d``.
+    Bounds are checked only where they can fail, so interior tiles of a power-of-two head dim
+    are plain unmasked (vectorized) loads; padded head-dim columns and rows past ``seqlen`` read 0."""
+    if CHECK_S:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs, mask=idx_s < seqlen, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(idx_s < seqlen) & (idx_d < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=idx_d < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def visibility(
+    rows, cols, seqlen_k, diag, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Bool ``[len(rows), len(cols)]``: key exists and lies inside the query's window."""
+    visible = cols[None, :] < seqlen_k
+    rel = cols[None, :] - (rows[:, None] + diag)
+    if HAS_LEFT:
+        visible = visible & (rel >= -window_left)
+    if HAS_RIGHT:
+        visible = visible & (rel <= window_right)
+    return visible
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2, defined everywhere Triton runs (interpreter included); saturates to +-1.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``q @ k^T`` (fp32) -> logits in log2 units: ``s * scale * log2(e)``, or with softcap
+    ``softcap * tanh(s * scale / softcap) * log2(e)``."""
+    if HAS_SOFTCAP:
+        return _tanh(qk * (sm_scale / softcap)) * (softcap * LOG2E)
+    else:
+        return qk * (sm_scale * LOG2E)
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
+    """Fold a tile of logits ``s`` (log2 units, ``[M, N]``) into the running max ``m_i`` and
+    denominator ``l_i``. Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalized weights and
+    the factor that rescales what was accumulated before. With ``MAY_BE_EMPTY`` (tiles with
+    masked entries), a row whose logits are all ``-inf`` so far uses 0 as its max, so it gets
+    weights 0 instead of ``exp2(-inf - -inf) = NaN``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def finalize(acc, m_i, l_i):
+    """Normalized output and natural-log LSE; rows that saw no key give 0 and ``-inf``."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    return out, lse

@@ -1,0 +1,198 @@
+"""FlashAttention-2-style forward kernel for ``[B, H, S, D]`` tensors with any strides, and its launcher.
+
+One program computes ``BLOCK_M`` query rows of one (batch, query head). It keeps the query tile in
+registers and streams the K/V blocks its rows may see; Triton software-pipelines the loop
+(``num_stages``), so the next K/V block is loading while this one is computed. The softmax is online
+(running max and denominator, fp32), so no ``Sq x Sk`` matrix ever exists.
+
+The key range is cut into three parts (see ``key_block_ranges``): blocks every row sees are
+computed without any elementwise masking; the blocks on the window's edges (the causal diagonal,
+a sliding window's left edge, the ragged end of K) are masked elementwise; blocks nobody sees are
+skipped without being loaded.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    MASK_ADDITIVE, MASK_BOOL, MASK_NONE, LOG2E, finalize, key_block_ranges, load_tile,
+    online_softmax_step, scores_log2, visibility,
+)
+
+
+@triton.jit
+def _attend_key_blocks(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs,
+    start_n, end_n, rows, offs_n, offs_d,
+    stride_kn, stride_vn, stride_mn,
+    seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
+    ``EDGE`` blocks are masked elementwise by window and length; others are fully visible."""
+    for start in range(start_n, end_n, BLOCK_N):
+        cols = start + offs_n
+        # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for q @ k^T.
+        k = load_tile(k_ptrs + start * stride_kn, cols[None, :], offs_d[:, None], seqlen_k,
+                      HEAD_DIM, BLOCK_D, EDGE)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+        if MASK_KIND != MASK_NONE:
+            in_bounds = (rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
+            user_mask = tl.load(mask_ptrs + start * stride_mn, mask=in_bounds, other=0)
+            if MASK_KIND == MASK_ADDITIVE:
+                s = s + user_mask.to(tl.float32) * LOG2E
+            else:
+                s = tl.where(user_mask != 0, s, float("-inf"))
+        if EDGE:
+            s = tl.where(visibility(rows, cols, seqlen_k, diag, window_left, window_right,
+                                    HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
+        v = load_tile(v_ptrs + start * stride_vn, cols[:, None], offs_d[None, :], seqlen_k,
+                      HEAD_DIM, BLOCK_D, EDGE)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, Out, Lse, Mask,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    num_heads_q, group_size, seqlen_q, seqlen_k,
+    sm_scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Heaviest query blocks first: with causal masking the last rows see the most keys.
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads_q).to(tl.int64)
+    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    off_hkv = off_h // group_size  # GQA: query heads of a group read the same K/V head
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = load_tile(q_ptrs, rows[:, None], offs_d[None, :], seqlen_q, HEAD_DIM, BLOCK_D, True)
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    mask_ptrs = Mask
+    if MASK_KIND != MASK_NONE:
+        mask_ptrs = (Mask + off_b * stride_mb + off_h * stride_mh
+                     + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    row_hi = tl.minimum(block_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = key_block_ranges(
+        block_m * BLOCK_M, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+
+    # Left edge of a sliding window | blocks every row sees | causal diagonal / window right edge / ragged end.
+    acc, m_i, l_i = _attend_key_blocks(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, lo, full_lo, rows, offs_n, offs_d,
+        stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _attend_key_blocks(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, full_lo, full_hi, rows, offs_n, offs_d,
+        stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _attend_key_blocks(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, full_hi, hi, rows, offs_n, offs_d,
+        stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
+
+    out, lse = finalize(acc, m_i, l_i)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+    row_ok = rows < seqlen_q
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if RETURN_LSE:
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + rows, lse, mask=row_ok)
+
+
+# (block_m, block_n, num_warps, num_stages) by padded head dim, for 2-byte inputs on Hopper-class
+# GPUs; fp32 inputs halve block_n (twice the bytes per element). Measured: benchmarks/NOTES.md.
+_CONFIGS = {
+    16: (128, 64, 4, 3),
+    32: (128, 64, 4, 3),
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 64, 4, 2),
+}
+# Under TRITON_INTERPRET each program runs as numpy on the CPU: small blocks keep tests fast.
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+
+def _config(block_d: int, dtype: torch.dtype, interpreted: bool):
+    if interpreted:
+        return _INTERPRETER_CONFIG
+    block_m, block_n, warps, stages = _CONFIGS[block_d]
+    if dtype == torch.float32:
+        block_n = max(16, block_n // 2)
+        stages = min(stages, 2)
+    return block_m, block_n, warps, stages
+
+
+def prefill_attention(
+    q, k, v, *, window=(-1, -1), scale, softcap=None, mask=None, return_lse=False, out=None,
+    block_m=None, block_n=None,
+):
+    """Launch the prefill kernel. Inputs are already validated (see :func:`tileattn.attention`).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]``; fp16, bf16 or fp32, any strides.
+        window: ``(left, right)`` key offsets around the bottom-right diagonal, -1 = unbounded
+            (causal already folded in as ``right = 0``).
+        scale: softmax scale; softcap: tanh cap of the scaled scores or None.
+        mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, Sk]``.
+        out: optional ``[B, Hq, Sq, D]`` output tensor (any strides); allocated like ``q`` if None.
+        block_m, block_n: override the tuned tile sizes (tests use this to exercise edges).
+    Returns:
+        ``(out, lse)``; lse is fp32 ``[B, Hq, Sq]`` (natural log), or None unless ``return_lse``.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32) if return_lse else out
+    block_d = max(16, triton.next_power_of_2(d))
+    interpreted = q.device.type == "cpu"
+    cfg_m, cfg_n, num_warps, num_stages = _config(block_d, q.dtype, interpreted)
+    block_m = block_m or cfg_m
+    block_n = block_n or cfg_n
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        mask_kind, mask_arg = MASK_BOOL, mask.view(torch.uint8)
+        mask_strides = mask_arg.stride()
+    else:
+        mask_kind, mask_arg, mask_strides = MASK_ADDITIVE, mask, mask.stride()
+    left, right = window
+    grid = (triton.cdiv(sq, block_m), b * hq)
+    _prefill_kernel[grid](
+        q, k, v, out, lse, mask_arg,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1),
+        *mask_strides,
+        hq, hq // hkv, sq, sk,
+        float(scale), float(softcap or 1.0), max(left, 0), max(right, 0),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
+        HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, (lse if return_lse else None)

@@ -1,0 +1,168 @@
+"""Plain-PyTorch attention: the semantics every backend must reproduce.
+
+Two implementations of the same function, both taking the public arguments of
+:func:`tileattn.attention` (``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]``, any strides):
+
+* :func:`naive_attention` materializes the ``[B, Hq, Sq, Sk]`` score matrix. It is the
+  "standard attention" baseline of our benchmarks, and, called on float64 inputs, the oracle
+  of our tests.
+* :func:`tiled_attention` is the FlashAttention algorithm written with PyTorch ops: it walks
+  key/value blocks with an online softmax, so its extra memory is
+  ``O(B * Hq * block_q * block_k)`` whatever the sequence lengths. It is backend ``"torch"``,
+  which runs wherever PyTorch runs (CPU, CUDA, ROCm, MPS...).
+
+Which keys a query sees (shared by every backend):
+  ``diag = Sk - Sq`` aligns the last query with the last key (bottom-right, the KV-cache
+  convention). With ``window = (left, right)`` (-1 = unbounded), query ``i`` sees key ``j`` iff
+  ``i + diag - left <= j <= i + diag + right``; ``causal=True`` is ``right = 0``.
+  A row that sees no key returns 0 with lse ``-inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["naive_attention", "tiled_attention", "window_bounds", "visible_keys"]
+
+UNBOUNDED = -1
+
+
+def window_bounds(causal: bool, window) -> tuple[int, int]:
+    """Fold ``causal`` and ``window`` into ``(left, right)`` key offsets, -1 meaning unbounded.
+
+    ``causal`` is the window ``(-1, 0)``; with an explicit window it caps ``right`` at 0.
+    """
+    left, right = (UNBOUNDED, UNBOUNDED) if window is None else window
+    left = UNBOUNDED if left is None or left < 0 else int(left)
+    right = UNBOUNDED if right is None or right < 0 else int(right)
+    if causal:
+        right = 0 if right == UNBOUNDED else min(right, 0)
+    return left, right
+
+
+def visible_keys(rows: torch.Tensor, cols: torch.Tensor, diag: int, left: int, right: int):
+    """Bool ``[len(rows), len(cols)]``: which keys ``cols`` each query ``rows`` may see, or None
+    when every pair is visible. ``diag = Sk - Sq``."""
+    if left == UNBOUNDED and right == UNBOUNDED:
+        return None
+    rel = cols[None, :] - (rows[:, None] + diag)  # key position relative to the query's diagonal
+    visible = torch.ones_like(rel, dtype=torch.bool)
+    if left != UNBOUNDED:
+        visible &= rel >= -left
+    if right != UNBOUNDED:
+        visible &= rel <= right
+    return visible
+
+
+def _scores_to_logits(scores, scale, softcap, mask, visible):
+    """Scaled (and optionally tanh-capped) scores with the additive/boolean mask and the window applied."""
+    scores = scores * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores
+
+
+def _defaults(q, k, scale, mask):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if mask is not None:
+        b, hq, sq, _ = q.shape
+        mask = mask.expand(b, hq, sq, k.shape[-2])
+    return scale, mask
+
+
+def naive_attention(
+    q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
+    compute_dtype=None,
+):
+    """Standard attention that materializes the ``[B, Hq, Sq, Sk]`` score matrix.
+
+    Computes in ``compute_dtype`` (default: the input dtype, like eager attention in a model), so
+    ``naive_attention(q.double(), ...)`` is the float64 oracle and ``naive_attention(q, ...)`` on fp16
+    inputs is "PyTorch's own naive attention in the same low precision" of the tolerance rule.
+    K/V heads are repeated for GQA, as eager attention does.
+    Returns ``out`` (q's dtype) or ``(out, lse)`` with lse fp32 ``[B, Hq, Sq]``.
+    """
+    scale, mask = _defaults(q, k, scale, mask)
+    left, right = window_bounds(causal, window)
+    dtype = compute_dtype or q.dtype
+    sq, sk = q.shape[-2], k.shape[-2]
+    group = q.shape[1] // k.shape[1]
+    kf = k.to(dtype).repeat_interleave(group, dim=1)
+    vf = v.to(dtype).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(dtype), kf.transpose(-1, -2))
+    rows = torch.arange(sq, device=q.device)
+    cols = torch.arange(sk, device=q.device)
+    logits = _scores_to_logits(scores, scale, softcap, mask, visible_keys(rows, cols, sk - sq, left, right))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    # exp(logits - lse) is NaN on rows that see nothing (-inf - -inf): those rows get weights 0.
+    probs = torch.exp(logits - lse.masked_fill(lse == float("-inf"), 0.0))
+    out = torch.matmul(probs, vf).to(q.dtype)
+    if return_lse:
+        return out, lse.squeeze(-1).float()
+    return out
+
+
+def tiled_attention(
+    q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
+    block_q=256, block_k=512,
+):
+    """The FlashAttention algorithm in PyTorch ops (backend ``"torch"``).
+
+    For each block of ``block_q`` queries, walks the key/value blocks that the window lets it see,
+    keeping a running max ``m``, running denominator ``l`` and unnormalized output ``acc`` in fp32:
+    when a block raises the max, the earlier sums are rescaled by ``exp(m_old - m_new)``. No
+    ``Sq x Sk`` tensor exists; GQA is a broadcast over grouped query heads, never a K/V copy.
+    Same arguments and result as :func:`naive_attention`.
+    """
+    scale, mask = _defaults(q, k, scale, mask)
+    left, right = window_bounds(causal, window)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    diag = sk - sq
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    # K/V as [B, Hkv, 1, Sk, D]: the singleton broadcasts over the G query heads of each group.
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    mask5 = None if mask is None else mask.view(b, hkv, group, sq, sk)
+    for q0 in range(0, sq, block_q):
+        q1 = min(q0 + block_q, sq)
+        # Query heads grouped by the K/V head they read: [B, Hkv, G, rows, D].
+        qb = q[:, :, q0:q1].reshape(b, hkv, group, q1 - q0, d).to(acc_dtype)
+        rows = torch.arange(q0, q1, device=q.device)
+        m = torch.full((b, hkv, group, q1 - q0, 1), float("-inf"), dtype=acc_dtype, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(b, hkv, group, q1 - q0, d, dtype=acc_dtype, device=q.device)
+        # Key range any row of this block may see; blocks outside it are never touched.
+        k_lo = 0 if left == UNBOUNDED else max(0, q0 + diag - left)
+        k_hi = sk if right == UNBOUNDED else min(sk, q1 - 1 + diag + right + 1)
+        for k0 in range(k_lo - k_lo % block_k, max(k_hi, 0), block_k):
+            k1 = min(k0 + block_k, sk)
+            cols = torch.arange(k0, k1, device=q.device)
+            scores = torch.matmul(qb, k5[:, :, :, k0:k1].to(acc_dtype).transpose(-1, -2))
+            block_mask = None if mask5 is None else mask5[..., q0:q1, k0:k1]
+            logits = _scores_to_logits(scores, scale, softcap, block_mask,
+                                       visible_keys(rows, cols, diag, left, right))
+            m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
+            p = torch.exp(logits - m_safe)
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + p.sum(dim=-1, keepdim=True)
+            acc = acc * alpha + torch.matmul(p, v5[:, :, :, k0:k1].to(acc_dtype))
+            m = m_new
+        seen = l > 0
+        out_block = torch.where(seen, acc / torch.where(seen, l, 1.0), 0.0)
+        out[:, :, q0:q1] = out_block.reshape(b, hq, q1 - q0, d).to(q.dtype)
+        lse_block = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
+        lse[:, :, q0:q1] = lse_block.reshape(b, hq, q1 - q0).float()
+    if return_lse:
+        return out, lse
+    return out
