@@ -133,10 +133,10 @@ _CONFIGS = {
     256: (64, 64, 4, 2),
 }
 # Under TRITON_INTERPRET each program runs as numpy on the CPU: small blocks keep tests fast.
-_INTERPRETER_CONFIG = (32, 32, 4, 1)
+_INTERPRETER_CONFIG = (64, 64, 4, 1)
 
 
-def _config(block_d: int, dtype: torch.dtype, interpreted: bool):
+def _config(block_d: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
     if interpreted:
         return _INTERPRETER_CONFIG
     block_m, block_n, warps, stages = _CONFIGS[block_d]
@@ -147,8 +147,7 @@ def _config(block_d: int, dtype: torch.dtype, interpreted: bool):
 
 
 def prefill_attention(
-    q, k, v, *, window=(-1, -1), scale, softcap=None, mask=None, return_lse=False, out=None,
-    block_m=None, block_n=None,
+    q, k, v, *, window=(-1, -1), scale, softcap=None, mask=None, return_lse=False, out=None, config=None,
 ):
     """Launch the prefill kernel. Inputs are already validated (see :func:`tileattn.attention`).
 
@@ -159,7 +158,8 @@ def prefill_attention(
         scale: softmax scale; softcap: tanh cap of the scaled scores or None.
         mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, Sk]``.
         out: optional ``[B, Hq, Sq, D]`` output tensor (any strides); allocated like ``q`` if None.
-        block_m, block_n: override the tuned tile sizes (tests use this to exercise edges).
+        config: ``(block_m, block_n, num_warps, num_stages)`` instead of the tuned table (tests use
+            small tiles to put block edges everywhere; the tile sweep in ``benchmarks/`` times others).
     Returns:
         ``(out, lse)``; lse is fp32 ``[B, Hq, Sq]`` (natural log), or None unless ``return_lse``.
     """
@@ -169,10 +169,7 @@ def prefill_attention(
         out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32) if return_lse else out
     block_d = max(16, triton.next_power_of_2(d))
-    interpreted = q.device.type == "cpu"
-    cfg_m, cfg_n, num_warps, num_stages = _config(block_d, q.dtype, interpreted)
-    block_m = block_m or cfg_m
-    block_n = block_n or cfg_n
+    block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
     if mask is None:
         mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
     elif mask.dtype == torch.bool:

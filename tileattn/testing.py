@@ -1,0 +1,71 @@
+"""Test helpers: random inputs in awkward layouts, and the comparison against the float64 oracle.
+
+Tolerance rule (FlashAttention's): a backend's max error against the float64 result may be at most
+twice the max error of PyTorch's own naive attention computed in the input's precision, plus one
+unit of that precision (``finfo(dtype).eps``). LSE is checked absolutely: it is computed in fp32
+from the same rounded inputs, so precision of the inputs does not enter it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import naive_attention
+
+LAYOUTS = ("contiguous", "bshd", "strided", "dmajor")
+
+
+def random_tensor(b, h, s, d, *, dtype, device, layout="contiguous", generator=None):
+    """A fresh N(0, 1) ``[b, h, s, d]`` tensor, as a view with the memory layout ``layout``:
+
+    ``contiguous``; ``bshd`` (a ``[B, S, H, D]`` buffer seen through ``transpose(1, 2)``);
+    ``strided`` (every other head and the first ``d`` of ``d + 8`` columns of a larger buffer);
+    ``dmajor`` (head_dim is the slow axis: stride of the last dim != 1).
+    """
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtype=dtype, device=device)
+
+    if layout == "contiguous":
+        return randn(b, h, s, d)
+    if layout == "bshd":
+        return randn(b, s, h, d).transpose(1, 2)
+    if layout == "strided":
+        return randn(b, 2 * h, s, d + 8)[:, ::2, :, :d]
+    if layout == "dmajor":
+        return randn(b, h, d, s).transpose(2, 3)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def random_qkv(b, hq, hkv, sq, sk, d, *, dtype, device="cpu", layout="contiguous", seed=None):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    q = random_tensor(b, hq, sq, d, dtype=dtype, device=device, layout=layout, generator=gen)
+    k = random_tensor(b, hkv, sk, d, dtype=dtype, device=device, layout=layout, generator=gen)
+    v = random_tensor(b, hkv, sk, d, dtype=dtype, device=device, layout=layout, generator=gen)
+    return q, k, v
+
+
+def oracle(q, k, v, **options):
+    """float64 ``(out, lse)`` of the naive reference on upcast inputs (mask kept as given)."""
+    return naive_attention(q.double(), k.double(), v.double(), return_lse=True, **options)
+
+
+def assert_matches_oracle(out, q, k, v, lse=None, **options):
+    """Check ``out`` (and ``lse``) of ``attention(q, k, v, **options)`` against the float64 oracle."""
+    ref, ref_lse = oracle(q, k, v, **options)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert torch.isfinite(out).all(), "output has NaN/Inf (unwritten or masked rows leaking)"
+    err = (out.double() - ref).abs().max().item()
+    if q.dtype == torch.float64:
+        bound = 1e-10
+    else:
+        low_precision = naive_attention(q, k, v, **options)
+        base = (low_precision.double() - ref).abs().max().item()
+        bound = 2 * base + torch.finfo(q.dtype).eps
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (2x naive {q.dtype} error + eps)"
+    empty_rows = ref_lse == float("-inf")
+    assert (out[empty_rows] == 0).all(), "rows that see no key must be exactly 0"
+    if lse is not None:
+        assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+        assert torch.equal(lse == float("-inf"), empty_rows), "lse must be -inf exactly on rows that see no key"
+        lse_err = (lse.double() - ref_lse)[~empty_rows].abs()
+        assert lse_err.numel() == 0 or lse_err.max().item() <= 1e-4, f"lse error {lse_err.max().item():.3g}"
