@@ -12,13 +12,13 @@ softmax scale and ``log2(e)`` are folded into a single multiply of the ``q @ k^T
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Mask kinds (constexpr switches of the kernels).
-MASK_NONE: tl.constexpr = 0
-MASK_BOOL: tl.constexpr = 1
-MASK_ADDITIVE: tl.constexpr = 2
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_ADDITIVE = tl.constexpr(2)
 
 
 @triton.jit

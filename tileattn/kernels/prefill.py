@@ -123,14 +123,15 @@ def _prefill_kernel(
         tl.store(Lse + off_b * stride_lb + off_h * stride_lh + rows, lse, mask=row_ok)
 
 
-# (block_m, block_n, num_warps, num_stages) by padded head dim, for 2-byte inputs on Hopper-class
-# GPUs; fp32 inputs halve block_n (twice the bytes per element). Measured: benchmarks/NOTES.md.
+# (block_m, block_n, num_warps, num_stages) by padded head dim, for 2-byte inputs, from the tile sweep
+# on an H100 (benchmarks/sweep_prefill_tiles.py, benchmarks/NOTES.md); fp32 inputs halve block_n
+# (twice the bytes per element).
 _CONFIGS = {
-    16: (128, 64, 4, 3),
-    32: (128, 64, 4, 3),
-    64: (128, 64, 4, 3),
+    16: (128, 64, 8, 3),
+    32: (128, 64, 8, 3),
+    64: (128, 64, 8, 3),
     128: (128, 64, 8, 3),
-    256: (64, 64, 4, 2),
+    256: (128, 64, 8, 2),
 }
 # Under TRITON_INTERPRET each program runs as numpy on the CPU: small blocks keep tests fast.
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
