@@ -1,12 +1,17 @@
 """tileattn: exact, IO-aware (FlashAttention) attention for Transformer inference.
 
 Public API:
-    attention(q, k, v, *, causal, scale, mask, window, softcap, return_lse, backend)
-    reference.naive_attention / reference.tiled_attention (plain PyTorch implementations)
+    attention(q, k, v, ...)                      [B, H, S, D] attention, masks, windows, softcap, GQA
+    attention_varlen(q, k, v, cu_seqlens_q, ...)   packed variable-length sequences
+    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, ...)   decode over contiguous or paged caches
+    merge_attention(out_a, lse_a, out_b, lse_b)  exact merge of partial attentions
+    cache.PagedKVCache                           paged K/V pools and block tables
+    reference                                    plain-PyTorch implementations (the test oracle)
 """
 
-from . import reference
-from .api import attention
+from . import cache, reference
+from .api import attention, attention_varlen, attention_with_kvcache, merge_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "reference", "__version__"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_attention", "cache", "reference",
+           "__version__"]

@@ -8,6 +8,8 @@ import numbers
 import torch
 
 from . import dispatch
+from . import reference
+from .cache import write_kv
 from .reference import naive_attention, tiled_attention, window_bounds
 
 MAX_HEAD_DIM = 256
@@ -57,9 +59,7 @@ def attention(
     softcap = _check_softcap(softcap)
     if mask is not None:
         mask = _check_mask(mask, q, k)
-    if backend not in dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
-    chosen = dispatch.choose_backend(q, backend)
+    chosen = _backend(q, backend)
 
     b, hq, sq, d = q.shape
     sk = k.shape[2]
@@ -80,12 +80,195 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _check_tensors(q, k, v):
+def attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None, window=None,
+    softcap=None, return_lse=False, backend="auto",
+):
+    """Attention over packed variable-length sequences, without padding.
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``: the sequences concatenated on the token axis.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` on q's device: sequence ``b`` is tokens
+            ``cu[b] .. cu[b + 1]``; starts at 0, non-decreasing, ends at the total.
+        max_seqlen_q, max_seqlen_k: the longest sequence of each (sizes the launch grid).
+        Other options as in :func:`attention` (no ``mask``); causal is bottom-right aligned per sequence.
+    Returns:
+        ``out [total_q, Hq, D]`` or ``(out, lse)`` with lse fp32 ``[Hq, total_q]``. Sequence ``b``'s rows
+        equal ``attention`` on that sequence alone.
+    """
+    _check_tensors(q, k, v, layout="[tokens, heads, head_dim]", same_batch=False)
+    scale = _check_scale(q.shape[-1], scale)
+    left, right = _check_window(window, causal)
+    softcap = _check_softcap(softcap)
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        _check_int_tensor(name, cu, q.device, rank=1)
+        if cu.shape != cu_seqlens_q.shape or cu.shape[0] < 1:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got {tuple(cu_seqlens_q.shape)} "
+                             f"and {tuple(cu_seqlens_k.shape)}")
+        if not isinstance(longest, int) or longest < 0:
+            raise ValueError(f"max_seqlen for {name} must be an int >= 0, got {longest!r}")
+        if _may_read_device_values():
+            values = cu.tolist()
+            lengths = [b - a for a, b in zip(values, values[1:])]
+            if values[0] != 0 or values[-1] != total or min(lengths, default=0) < 0:
+                raise ValueError(f"{name} must start at 0, never decrease and end at {total}, got {values}")
+            if max(lengths, default=0) > longest:
+                raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the max_seqlen given for {name} ({longest})")
+    chosen = _backend(q, backend)
+    options = dict(scale=scale, softcap=softcap)
+    if q.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
+        out = q.new_zeros(q.shape)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    elif chosen == "triton":
+        from .kernels.prefill import prefill_attention_varlen
+
+        out, lse = prefill_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            window=(left, right), return_lse=bool(return_lse), **options)
+    else:
+        impl = tiled_attention if chosen == "torch" else naive_attention
+        out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, impl=impl,
+                                              window=(left, right), **options)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(
+    q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=True, scale=None,
+    window=None, softcap=None, return_lse=False, num_splits=0, backend="auto",
+):
+    """Attention of new query tokens over a KV cache (decode, chunked prefill, speculative verification).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``, Sq >= 1, any strides.
+        k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]``, or paged ``[num_pages, Hkv, page_size, D]`` with
+            ``block_table``: int32 ``[B, max_pages_per_seq]`` (storage ``[num_pages, page_size, Hkv, D]`` is passed
+            as ``.transpose(1, 2)``). Any strides.
+        cache_seqlens: int32 ``[B]``: tokens already in each sequence's cache.
+        k_new, v_new: optional ``[B, Hkv, Sq, D]``, written into the cache at positions ``cache_seqlens[b] ..``
+            (through the block table when paged) before attending. ``cache_seqlens`` itself is not advanced:
+            that is the caller's (or :class:`tileattn.cache.PagedKVCache`'s) bookkeeping.
+        causal: default True; bottom-right aligned: the Sq queries are the last Sq of the
+            ``cache_seqlens[b] (+ Sq if k_new)`` keys.
+        num_splits: key splits per sequence for the split-KV kernel; 0 chooses from batch, heads, cache size
+            and SM count. Any value gives the same result up to rounding.
+        Other options as in :func:`attention`.
+    Returns:
+        ``out [B, Hq, Sq, D]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
+    """
+    _check_tensors(q, k_cache, v_cache, same_batch=block_table is None)
+    scale = _check_scale(q.shape[-1], scale)
+    left, right = _check_window(window, causal)
+    softcap = _check_softcap(softcap)
+    b, _, sq, _ = q.shape
+    if sq < 1:
+        raise ValueError(f"q must have at least one query token (Sq >= 1), got shape {tuple(q.shape)}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    _check_int_tensor("cache_seqlens", cache_seqlens, q.device, rank=1)
+    if cache_seqlens.shape[0] != b:
+        raise ValueError(f"cache_seqlens must be [batch={b}], got {tuple(cache_seqlens.shape)}")
+    if block_table is not None:
+        _check_int_tensor("block_table", block_table, q.device, rank=2)
+        if block_table.shape[0] != b:
+            raise ValueError(f"block_table must be [batch={b}, max_pages_per_seq], got {tuple(block_table.shape)}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    if k_new is not None:
+        expected = (b, k_cache.shape[1], sq, q.shape[-1])
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
+                raise ValueError(f"{name} must be [B, Hkv, Sq, D] = {list(expected)}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+    new_tokens = sq if k_new is not None else 0
+    if _may_read_device_values():
+        _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table)
+    chosen = _backend(q, backend)
+
+    if k_new is not None:
+        write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    options = dict(scale=scale, softcap=softcap, window=(left, right))
+    if chosen == "triton":
+        from .kernels.decode import decode_attention
+
+        out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
+                                    return_lse=bool(return_lse), num_splits=num_splits, **options)
+    else:
+        impl = tiled_attention if chosen == "torch" else naive_attention
+        out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens,
+                                               block_table=block_table, return_lse=True, impl=impl, **options)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two partial attentions of the same queries over disjoint key sets.
+
+    ``out_*``: ``[..., D]`` (e.g. ``[B, H, S, D]``); ``lse_*``: natural-log, ``out_*.shape[:-1]``. The result
+    ``(out, lse)`` equals attention over the union of the key sets (``lse`` fp32). Used by split-KV
+    decoding, and the building block of shared-prefix and ring attention.
+    """
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+        if t.device != out_a.device:
+            raise ValueError(f"{name} must be on out_a's device {out_a.device}, got {t.device}")
+    if out_b.shape != out_a.shape or lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
+        raise ValueError(f"expected out_a, out_b of one shape [..., D] and lse_a, lse_b of shape [...], got "
+                         f"{tuple(out_a.shape)}, {tuple(out_b.shape)}, {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
+    return reference.merge_attention(out_a, lse_a, out_b, lse_b)
+
+
+def _backend(q, backend):
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    return dispatch.choose_backend(q, backend)
+
+
+def _may_read_device_values() -> bool:
+    """Checks that read tensor values sync with the device: skip them where a sync is illegal."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_int_tensor(name, t, device, rank):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dim(s), got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table):
+    """Every sequence's tokens (after the append) fit its cache row or its pages, and page ids exist."""
+    lengths = cache_seqlens.long() + new_tokens
+    if cache_seqlens.numel() and int(cache_seqlens.min()) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
+    capacity = k_cache.shape[2] * (block_table.shape[1] if block_table is not None else 1)
+    if lengths.numel() and int(lengths.max()) > capacity:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens (cache_seqlens + new tokens) exceeds the "
+                         f"cache capacity of {capacity} tokens per sequence")
+    if block_table is not None and lengths.numel():
+        used = (lengths + k_cache.shape[2] - 1) // k_cache.shape[2]  # pages each sequence uses
+        in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
+        ids = block_table[in_use]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table holds page ids outside [0, {k_cache.shape[0]}) in pages in use")
+
+
+def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batch=True):
+    """Types, ranks, dtypes, devices, head counts and head_dim of q/k/v. ``layout`` names the dims;
+    heads are dim 1 and head_dim the last dim in every layout we take."""
+    rank = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -93,13 +276,13 @@ def _check_tensors(q, k, v):
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-        if t.shape[0] != q.shape[0]:
+        if same_batch and t.shape[0] != q.shape[0]:
             raise ValueError(f"{name} batch size {t.shape[0]} != q batch size {q.shape[0]}")
-        if t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name} head_dim {t.shape[3]} != q head_dim {q.shape[3]}")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        if t.shape[-1] != q.shape[-1]:
+            raise ValueError(f"{name} head_dim {t.shape[-1]} != q head_dim {q.shape[-1]}")
+    if k.shape != v.shape:
         raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
     if not 1 <= d <= MAX_HEAD_DIM:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["naive_attention", "tiled_attention", "window_bounds", "visible_keys"]
+__all__ = ["naive_attention", "tiled_attention", "varlen_attention", "kvcache_attention", "merge_attention",
+           "window_bounds", "visible_keys", "gather_cache"]
 
 UNBOUNDED = -1
 
@@ -166,3 +167,71 @@ def tiled_attention(
     if return_lse:
         return out, lse
     return out
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, impl=tiled_attention, **options):
+    """Packed sequences (q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``), one sequence at a time through
+    ``impl``. Returns ``out [total_q, Hq, D]`` or ``(out, lse [Hq, total_q])``."""
+    out = torch.empty_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = (cq[b], cq[b + 1]), (ck[b], ck[b + 1])
+        if q1 == q0:
+            continue
+        seq = [t[None].transpose(1, 2) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, S, D] views
+        if k1 == k0:
+            out[q0:q1] = 0
+            continue
+        o, l = impl(*seq, return_lse=True, **options)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l[0]
+    return (out, lse) if return_lse else out
+
+
+def gather_cache(cache, b, length, block_table=None):
+    """The first ``length`` tokens of sequence ``b`` of a contiguous or paged cache, as ``[Hkv, length, D]``."""
+    if block_table is None:
+        return cache[b, :, :length]
+    page_size = cache.shape[2]
+    pages = block_table[b, : -(-length // page_size)].long()
+    return cache[pages].transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :length]
+
+
+def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block_table=None, return_lse=False,
+                      impl=tiled_attention, **options):
+    """``q [B, Hq, Sq, D]`` against each sequence's first ``cache_seqlens[b] + new_tokens`` cached tokens
+    (already written), one sequence at a time through ``impl``; bottom-right aligned."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for b, cached in enumerate(cache_seqlens.tolist()):
+        length = cached + new_tokens
+        k = gather_cache(k_cache, b, length, block_table)[None]
+        v = gather_cache(v_cache, b, length, block_table)[None]
+        if length == 0:
+            out[b], lse[b] = 0, float("-inf")
+            continue
+        o, l = impl(q[b:b + 1], k, v, return_lse=True, **options)
+        out[b], lse[b] = o[0], l[0]
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two attentions of the same queries over disjoint key sets.
+
+    ``out_*`` ``[..., D]`` and natural-log ``lse_*`` ``[...]`` (e.g. ``[B, H, S, D]`` and ``[B, H, S]``). With
+    ``lse = log(exp(lse_a) + exp(lse_b))``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``.
+    A side with lse ``-inf`` (saw no key) contributes nothing; if both did, out is 0 and lse ``-inf``.
+    Returns ``(out, lse)`` with out in ``out_a``'s dtype and lse fp32.
+    """
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    top = torch.maximum(lse_a, lse_b)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = wa + wb
+    seen = total > 0
+    lse = torch.where(seen, top + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
+    scale_a = torch.where(seen, wa / torch.where(seen, total, 1.0), 0.0)[..., None]
+    scale_b = torch.where(seen, wb / torch.where(seen, total, 1.0), 0.0)[..., None]
+    out = scale_a * out_a.float() + scale_b * out_b.float()
+    return out.to(out_a.dtype), lse

@@ -123,3 +123,83 @@ def finalize(acc, m_i, l_i):
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     return out, lse
+
+
+@triton.jit
+def _attend_key_blocks(
+    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
+    start_n, end_n, q_pos, offs_n, offs_d,
+    stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
+
+    ``q`` is ``[M, BLOCK_D]``; ``q_pos`` the query position (0..Sq-1) of each of its rows.
+    ``k_base`` (``[BLOCK_D, 1]``) and ``v_base`` (``[1, BLOCK_D]``) point at key 0 of this K/V head;
+    key ``j`` lives ``j * stride`` further, or with ``PAGED`` in page ``block_table[j // page_size]``
+    at slot ``j % page_size``. ``EDGE`` blocks are masked elementwise by window and length; the
+    others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0.
+    """
+    for start in range(start_n, end_n, BLOCK_N):
+        cols = start + offs_n
+        if PAGED:
+            page = tl.load(block_table + cols // page_size, mask=cols < seqlen_k, other=0).to(tl.int64)
+            slot = cols % page_size
+            k_offs = page * stride_kpage + slot * stride_kn
+            v_offs = page * stride_vpage + slot * stride_vn
+        else:
+            k_offs = cols * stride_kn
+            v_offs = cols * stride_vn
+        # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for q @ k^T.
+        k = load_tile(k_base + k_offs[None, :], cols[None, :], offs_d[:, None], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+        if MASK_KIND != MASK_NONE:
+            in_bounds = (q_pos < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
+            user_mask = tl.load(mask_base + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+            if MASK_KIND == MASK_ADDITIVE:
+                s = s + user_mask.to(tl.float32) * LOG2E
+            else:
+                s = tl.where(user_mask != 0, s, float("-inf"))
+        if EDGE:
+            s = tl.where(visibility(q_pos, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                         s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
+        v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_keys(
+    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
+    lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+    stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
+    the blocks every row sees (no elementwise masking), then the causal diagonal / window right
+    edge / ragged end of K."""
+    for part in tl.static_range(3):
+        if part == 0:
+            start_n = lo
+            end_n = full_lo
+        elif part == 1:
+            start_n = full_lo
+            end_n = full_hi
+        else:
+            start_n = full_hi
+            end_n = hi
+        acc, m_i, l_i = _attend_key_blocks(
+            acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, start_n, end_n, q_pos, offs_n, offs_d,
+            stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+            seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+            HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, PAGED,
+            DOT_PRECISION)
+    return acc, m_i, l_i

@@ -15,82 +15,57 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    MASK_ADDITIVE, MASK_BOOL, MASK_NONE, LOG2E, finalize, key_block_ranges, load_tile,
-    online_softmax_step, scores_log2, visibility,
-)
-
-
-@triton.jit
-def _attend_key_blocks(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs,
-    start_n, end_n, rows, offs_n, offs_d,
-    stride_kn, stride_vn, stride_mn,
-    seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Accumulate key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
-    ``EDGE`` blocks are masked elementwise by window and length; others are fully visible."""
-    for start in range(start_n, end_n, BLOCK_N):
-        cols = start + offs_n
-        # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for q @ k^T.
-        k = load_tile(k_ptrs + start * stride_kn, cols[None, :], offs_d[:, None], seqlen_k,
-                      HEAD_DIM, BLOCK_D, EDGE)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
-        if MASK_KIND != MASK_NONE:
-            in_bounds = (rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
-            user_mask = tl.load(mask_ptrs + start * stride_mn, mask=in_bounds, other=0)
-            if MASK_KIND == MASK_ADDITIVE:
-                s = s + user_mask.to(tl.float32) * LOG2E
-            else:
-                s = tl.where(user_mask != 0, s, float("-inf"))
-        if EDGE:
-            s = tl.where(visibility(rows, cols, seqlen_k, diag, window_left, window_right,
-                                    HAS_LEFT, HAS_RIGHT), s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
-        v = load_tile(v_ptrs + start * stride_vn, cols[:, None], offs_d[None, :], seqlen_k,
-                      HEAD_DIM, BLOCK_D, EDGE)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, m_i, l_i
+from .common import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, attend_keys, finalize, key_block_ranges, load_tile
 
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, Out, Lse, Mask,
+    Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads_q, group_size, seqlen_q, seqlen_k,
     sm_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Heaviest query blocks first: with causal masking the last rows see the most keys.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads_q).to(tl.int64)
+    off_b = pid_bh // num_heads_q
     off_h = (pid_bh % num_heads_q).to(tl.int64)
     off_hkv = off_h // group_size  # GQA: query heads of a group read the same K/V head
+
+    # Packed sequences: sequence b is tokens cu_seqlens[b] .. cu_seqlens[b + 1] of the token axis.
+    q_start = 0
+    k_start = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+        if block_m * BLOCK_M >= seqlen_q:  # the grid covers the longest sequence
+            return
+    off_b = off_b.to(tl.int64)
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
 
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + (q_start + rows[:, None]) * stride_qm
+              + offs_d[None, :] * stride_qd)
     q = load_tile(q_ptrs, rows[:, None], offs_d[None, :], seqlen_q, HEAD_DIM, BLOCK_D, True)
-    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    mask_ptrs = Mask
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh + k_start * stride_kn + offs_d[:, None] * stride_kd
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh + k_start * stride_vn + offs_d[None, :] * stride_vd
+    mask_base = Mask
     if MASK_KIND != MASK_NONE:
-        mask_ptrs = (Mask + off_b * stride_mb + off_h * stride_mh
-                     + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn)
+        mask_base = Mask + off_b * stride_mb + off_h * stride_mh + rows[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -100,27 +75,19 @@ def _prefill_kernel(
     row_hi = tl.minimum(block_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = key_block_ranges(
         block_m * BLOCK_M, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-
-    # Left edge of a sliding window | blocks every row sees | causal diagonal / window right edge / ragged end.
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, lo, full_lo, rows, offs_n, offs_d,
-        stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, full_lo, full_hi, rows, offs_n, offs_d,
-        stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_ptrs, full_hi, hi, rows, offs_n, offs_d,
-        stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = attend_keys(
+        acc, m_i, l_i, q, k_base, v_base, mask_base, Mask, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
+        stride_kn, stride_vn, stride_mn, 0, 0, 1,
+        seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     row_ok = rows < seqlen_q
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + (q_start + rows[:, None]) * stride_om
+              + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     if RETURN_LSE:
-        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + rows, lse, mask=row_ok)
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + (q_start + rows) * stride_lm, lse, mask=row_ok)
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim, for 2-byte inputs, from the tile sweep
@@ -147,6 +114,38 @@ def _config(block_d: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, i
     return block_m, block_n, warps, stages
 
 
+def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, scale, softcap, mask, return_lse,
+            config):
+    """Shared launch of the dense and varlen forms. ``strides`` gives q/k/v/out/lse strides as
+    (batch, head, token, dim) tuples (lse: batch, head, token); ``sq``/``sk`` size the grid."""
+    hq, d = q.shape[-2 if cu_seqlens else 1], q.shape[-1]
+    hkv = k.shape[-2 if cu_seqlens else 1]
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        mask_kind, mask_arg = MASK_BOOL, mask.view(torch.uint8)
+        mask_strides = mask_arg.stride()
+    else:
+        mask_kind, mask_arg, mask_strides = MASK_ADDITIVE, mask, mask.stride()
+    cu_q, cu_k = cu_seqlens or (q, q)
+    left, right = window
+    grid = (triton.cdiv(sq, block_m), batch * hq)
+    _prefill_kernel[grid](
+        q, k, v, out, lse, mask_arg, cu_q, cu_k,
+        *strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
+        hq, hq // hkv, sq, sk,
+        float(scale), float(softcap or 1.0), max(left, 0), max(right, 0),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
+        HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, (lse if return_lse else None)
+
+
 def prefill_attention(
     q, k, v, *, window=(-1, -1), scale, softcap=None, mask=None, return_lse=False, out=None, config=None,
 ):
@@ -164,33 +163,27 @@ def prefill_attention(
     Returns:
         ``(out, lse)``; lse is fp32 ``[B, Hq, Sq]`` (natural log), or None unless ``return_lse``.
     """
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32) if return_lse else out
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
-    if mask is None:
-        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
-    elif mask.dtype == torch.bool:
-        mask_kind, mask_arg = MASK_BOOL, mask.view(torch.uint8)
-        mask_strides = mask_arg.stride()
-    else:
-        mask_kind, mask_arg, mask_strides = MASK_ADDITIVE, mask, mask.stride()
-    left, right = window
-    grid = (triton.cdiv(sq, block_m), b * hq)
-    _prefill_kernel[grid](
-        q, k, v, out, lse, mask_arg,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        lse.stride(0), lse.stride(1),
-        *mask_strides,
-        hq, hq // hkv, sq, sk,
-        float(scale), float(softcap or 1.0), max(left, 0), max(right, 0),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
-        HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return out, (lse if return_lse else None)
+    b, _, sq, _ = q.shape
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
+    strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), out=out.stride(), lse=lse.stride()[:3])
+    return _launch(q, k, v, out, lse, strides, b, sq, k.shape[2], None, window=window, scale=scale,
+                   softcap=softcap, mask=mask, return_lse=return_lse, config=config)
+
+
+def prefill_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, window=(-1, -1), scale, softcap=None,
+    return_lse=False, out=None, config=None,
+):
+    """Packed sequences: q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``, int32 ``cu_seqlens_*``
+    ``[batch + 1]``. Returns ``(out [total_q, Hq, D], lse fp32 [Hq, total_q] or None)``."""
+    def bhsd(t):  # token-major strides as (batch = 0, head, token, dim): sequences are offsets on the token axis
+        return (0, t.stride(1), t.stride(0), t.stride(2))
+
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32) if return_lse else out
+    lse_strides = (0, lse.stride(0), lse.stride(1)) if return_lse else (0, 0, 0)
+    strides = dict(q=bhsd(q), k=bhsd(k), v=bhsd(v), out=bhsd(out), lse=lse_strides)
+    return _launch(q, k, v, out, lse, strides, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
+                   (cu_seqlens_q, cu_seqlens_k), window=window, scale=scale, softcap=softcap, mask=None,
+                   return_lse=return_lse, config=config)

@@ -1,0 +1,134 @@
+"""KV caches: writing new tokens into contiguous or paged caches, and :class:`PagedKVCache`, the block
+allocator a serving loop needs.
+
+Layouts (logical, any strides):
+  contiguous: ``[B, Hkv, S_max, D]``;
+  paged:      ``[num_pages, Hkv, page_size, D]`` plus ``block_table [B, max_pages]`` (int32): token ``j`` of
+              sequence ``b`` lives in page ``block_table[b, j // page_size]``, slot ``j % page_size``.
+              The common storage ``[num_pages, page_size, Hkv, D]`` is passed as ``.transpose(1, 2)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cache_positions(cache_seqlens: torch.Tensor, num_new: int, block_table: torch.Tensor | None, page_size: int):
+    """Where ``num_new`` tokens appended after ``cache_seqlens[b]`` go: ``(index0, slot)``, both ``[B, num_new]``;
+    index0 is the batch row (contiguous) or the page (paged), slot the position inside it."""
+    pos = cache_seqlens.long()[:, None] + torch.arange(num_new, device=cache_seqlens.device)
+    if block_table is None:
+        return torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos), pos
+    return block_table.long().gather(1, pos // page_size), pos % page_size
+
+
+def write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
+    """Write ``k_new``/``v_new`` ``[B, Hkv, Sq, D]`` at positions ``cache_seqlens[b] ..`` of each sequence.
+
+    Pure tensor indexing (no host sync), so it can be captured in a CUDA graph. Bounds are the caller's
+    to check (``attention_with_kvcache`` does, outside graph capture)."""
+    index0, slot = cache_positions(cache_seqlens, k_new.shape[2], block_table, k_cache.shape[2])
+    # Advanced indices on dims 0 and 2 around a slice: the result is [B, Sq, Hkv, D].
+    k_cache[index0, :, slot] = k_new.transpose(1, 2)
+    v_cache[index0, :, slot] = v_new.transpose(1, 2)
+
+
+class PagedKVCache:
+    """K and V page pools on one device, with per-sequence page lists, a block table and lengths.
+
+    ``k_pool``/``v_pool`` are stored ``[num_pages, page_size, Hkv, D]`` (token-major pages, as in
+    vLLM/flash-attn); :meth:`kernel_args` hands the kernels their ``[num_pages, Hkv, page_size, D]`` views.
+    Sequences are slots ``0 .. max_seqs-1``; every misuse raises before anything is modified.
+
+    Example::
+
+        cache = PagedKVCache(num_pages=1024, page_size=16, kv_heads=8, head_dim=128, max_seqs=64,
+                             max_pages_per_seq=256, dtype=torch.bfloat16, device="cuda")
+        seq = cache.add_sequence()
+        cache.append(seq, k, v)                    # k, v: [Hkv, n, D]
+        out = tileattn.attention_with_kvcache(q, **cache.kernel_args([seq]))
+    """
+
+    def __init__(self, num_pages, page_size, kv_heads, head_dim, *, max_seqs, max_pages_per_seq,
+                 dtype=torch.float16, device="cpu"):
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("kv_heads", kv_heads),
+                            ("head_dim", head_dim), ("max_seqs", max_seqs), ("max_pages_per_seq", max_pages_per_seq)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.page_size, self.kv_heads, self.head_dim = page_size, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k_pool = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.block_table = torch.zeros(max_seqs, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.seqlens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._free_seqs = list(range(max_seqs - 1, -1, -1))
+        self._pages: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    def length(self, seq: int) -> int:
+        self._check_seq(seq)
+        return self._lengths[seq]
+
+    def add_sequence(self) -> int:
+        if not self._free_seqs:
+            raise RuntimeError(f"all {self.block_table.shape[0]} sequence slots are in use")
+        seq = self._free_seqs.pop()
+        self._pages[seq], self._lengths[seq] = [], 0
+        self.seqlens[seq] = 0
+        return seq
+
+    def free_sequence(self, seq: int) -> None:
+        self._check_seq(seq)
+        self._free_pages.extend(reversed(self._pages.pop(seq)))
+        del self._lengths[seq]
+        self.seqlens[seq] = 0
+        self._free_seqs.append(seq)
+
+    def reserve(self, seq: int, num_tokens: int) -> None:
+        """Make room for ``num_tokens`` more tokens (allocating pages); raises and changes nothing if it cannot."""
+        self._check_seq(seq)
+        need = -(-(self._lengths[seq] + num_tokens) // self.page_size) - len(self._pages[seq])
+        if len(self._pages[seq]) + need > self.block_table.shape[1]:
+            raise ValueError(f"sequence {seq} would need {len(self._pages[seq]) + need} pages, more than "
+                             f"max_pages_per_seq={self.block_table.shape[1]}")
+        if need > len(self._free_pages):
+            raise RuntimeError(f"out of pages: sequence {seq} needs {need} more, {len(self._free_pages)} free")
+        for _ in range(max(need, 0)):
+            page = self._free_pages.pop()
+            self.block_table[seq, len(self._pages[seq])] = page
+            self._pages[seq].append(page)
+
+    def append(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k``/``v`` ``[Hkv, n, D]`` to sequence ``seq`` (pages are allocated as needed)."""
+        self._check_seq(seq)
+        expected = (self.kv_heads, k.shape[1] if k.dim() == 3 else -1, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape) != expected or t.shape != k.shape:
+                raise ValueError(f"{name} must be [kv_heads={self.kv_heads}, n, head_dim={self.head_dim}] "
+                                 f"like k, got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype != self.dtype or t.device != self.device:
+                raise TypeError(f"{name} must be {self.dtype} on {self.device}, got {t.dtype} on {t.device}")
+        self.reserve(seq, k.shape[1])
+        start = torch.tensor([self._lengths[seq]], dtype=torch.int32, device=self.device)
+        table = self.block_table[seq:seq + 1]
+        write_kv(self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2), k[None], v[None], start, table)
+        self._lengths[seq] += k.shape[1]
+        self.seqlens[seq] = self._lengths[seq]
+
+    def kernel_args(self, seqs) -> dict:
+        """``k_cache``, ``v_cache``, ``cache_seqlens`` and ``block_table`` for the sequences ``seqs``, in that
+        order, as keyword arguments of ``attention_with_kvcache``."""
+        for seq in seqs:
+            self._check_seq(seq)
+        index = torch.as_tensor(list(seqs), dtype=torch.long, device=self.device)
+        return dict(k_cache=self.k_pool.transpose(1, 2), v_cache=self.v_pool.transpose(1, 2),
+                    cache_seqlens=self.seqlens[index], block_table=self.block_table[index])
+
+    def _check_seq(self, seq):
+        if seq not in self._lengths:
+            raise ValueError(f"sequence {seq!r} is not an active sequence of this cache")

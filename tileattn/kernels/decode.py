@@ -1,0 +1,200 @@
+"""Split-KV ("flash-decoding") attention over a KV cache, contiguous or paged, and its launcher.
+
+Decoding reads the whole cache for a handful of query tokens: it is memory-bound, and one program
+per (sequence, head) leaves most SMs idle when the batch is small. So:
+
+* one program serves all ``G = Hq / Hkv`` query heads that read a KV head (times the ``Sq`` query
+  tokens): its ``G * Sq`` rows share every K/V tile, and each K/V byte is read from memory once;
+* each sequence's keys are cut into ``num_splits`` contiguous ranges, one program each, so even
+  one sequence fills the GPU. Each split writes a normalized partial output and its LSE, and
+  ``_combine_kernel`` merges them: ``out = sum_s exp(lse_s - lse) * out_s``, ``lse = logsumexp_s lse_s``.
+
+With ``num_splits == 1`` the split kernel writes the final output directly.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import MASK_NONE, attend_keys, finalize, key_block_ranges, load_tile
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, Out, Lse, BlockTable, CacheSeqlens,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_os, stride_od,
+    stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_bt,
+    num_heads_kv, group_size, seqlen_q, new_tokens, keys_per_split, page_size,
+    sm_scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
+    off_hkv = (tl.program_id(1) % num_heads_kv).to(tl.int64)
+    seqlen_k = tl.load(CacheSeqlens + off_b) + new_tokens
+
+    # Row r of this program is query token r % Sq of query head hkv * G + r // Sq.
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_pos = rows % seqlen_q
+    heads = off_hkv * group_size + rows // seqlen_q
+    row_ok = rows < group_size * seqlen_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = (Q + off_b * stride_qb + heads[:, None] * stride_qh + q_pos[:, None] * stride_qm
+              + offs_d[None, :] * stride_qd)
+    q = load_tile(q_ptrs, rows[:, None], offs_d[None, :], group_size * seqlen_q, HEAD_DIM, BLOCK_D, True)
+
+    if PAGED:  # key j is in page block_table[b, j // page_size], slot j % page_size
+        k_base = K + off_hkv * stride_kh + offs_d[:, None] * stride_kd
+        v_base = V + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+    else:
+        k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd
+        v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+    block_table = BlockTable + off_b * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # The window's key ranges for all query tokens, clipped to this split's keys.
+    diag = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = key_block_ranges(
+        0, seqlen_q - 1, seqlen_k, diag, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    split_lo = split * keys_per_split
+    split_hi = split_lo + keys_per_split
+    hi = tl.minimum(hi, split_hi)
+    lo = tl.minimum(tl.maximum(lo, split_lo), hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    acc, m_i, l_i = attend_keys(
+        acc, m_i, l_i, q, k_base, v_base, K, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+        stride_kn, stride_vn, 0, stride_kb, stride_vb, page_size,
+        seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_NONE, HAS_SOFTCAP, PAGED, DOT_PRECISION)
+
+    out, lse = finalize(acc, m_i, l_i)
+    o_ptrs = (Out + off_b * stride_ob + heads[:, None] * stride_oh + q_pos[:, None] * stride_om
+              + split * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(Lse + off_b * stride_lb + heads * stride_lh + q_pos * stride_lm + split * stride_ls, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    PartOut, PartLse, Out, Lse,
+    stride_pb, stride_ph, stride_pm, stride_ps, stride_pd,
+    stride_plb, stride_plh, stride_plm, stride_pls,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    num_heads, seqlen_q, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    """One program per (batch, head, query token): merge the splits' partial outputs by their LSE."""
+    pid = tl.program_id(0)
+    off_b = (pid // (num_heads * seqlen_q)).to(tl.int64)
+    off_h = (pid // seqlen_q) % num_heads
+    off_m = pid % seqlen_q
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    split_ok = splits < num_splits
+    lse_s = tl.load(PartLse + off_b * stride_plb + off_h * stride_plh + off_m * stride_plm + splits * stride_pls,
+                    mask=split_ok, other=float("-inf"))
+    lse_max = tl.max(lse_s, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no split saw a key: weights all 0
+    weights = tl.exp(lse_s - lse_max)
+    total = tl.sum(weights, 0)
+    part = tl.load(PartOut + off_b * stride_pb + off_h * stride_ph + off_m * stride_pm
+                   + splits[:, None] * stride_ps + offs_d[None, :] * stride_pd,
+                   mask=split_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(part * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_m * stride_om + offs_d * stride_od,
+             out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if RETURN_LSE:
+        lse = tl.where(total > 0, lse_max + tl.log(total), float("-inf"))
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
+
+
+# (block_n, num_warps, num_stages): decode is memory-bound; deep pipelines keep loads in flight.
+_DECODE_CONFIG = (64, 4, 3)
+_INTERPRETER_CONFIG = (32, 4, 1)
+MAX_SPLITS = 64
+
+
+def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
+                      block_n: int) -> int:
+    """Enough splits for about two programs per SM, but at least 4 key blocks per split."""
+    programs = batch * kv_heads * row_blocks
+    wanted = triton.cdiv(2 * sm_count, programs)
+    most = max(1, max_keys // (4 * block_n))
+    return max(1, min(wanted, most, MAX_SPLITS))
+
+
+def decode_attention(
+    q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
+    return_lse=False, num_splits=0, config=None,
+):
+    """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys.
+
+    Inputs are already validated (see :func:`tileattn.attention_with_kvcache`).
+    Args:
+        q: ``[B, Hq, Sq, D]``, any strides.
+        k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]`` or, with ``block_table`` ``[B, max_pages]`` int32,
+            paged ``[num_pages, Hkv, page_size, D]``; any strides.
+        cache_seqlens: int32 ``[B]``; new_tokens: tokens appended to the cache for this call (0 or Sq).
+        window: ``(left, right)``, -1 unbounded, causal folded in as ``right = 0``.
+        num_splits: key splits per sequence; 0 chooses from batch, heads, capacity and SM count.
+        config: ``(block_n, num_warps, num_stages)`` instead of the default.
+    Returns:
+        ``(out [B, Hq, Sq, D] like q, lse fp32 [B, Hq, Sq] or None)``.
+    """
+    b, hq, sq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = min(64, max(16, triton.next_power_of_2(group * sq)))
+    row_blocks = triton.cdiv(group * sq, block_m)
+    interpreted = q.device.type == "cpu"
+    block_n, num_warps, num_stages = config or (_INTERPRETER_CONFIG if interpreted else _DECODE_CONFIG)
+    if num_splits <= 0:
+        sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n)
+    keys_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(capacity, keys_per_split)  # no split left empty by the rounding
+
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    if num_splits == 1:  # write the final result directly, as split 0 of a one-split "partial"
+        part_out, part_lse = out.unsqueeze(3), lse.unsqueeze(3)
+    else:
+        part_out = torch.empty(b, hq, sq, num_splits, d, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(b, hq, sq, num_splits, device=q.device, dtype=torch.float32)
+    page_size = k_cache.shape[2] if paged else 1
+    grid = (num_splits, b * hkv, row_blocks)
+    _decode_split_kernel[grid](
+        q, k_cache, v_cache, part_out, part_lse, block_table if paged else cache_seqlens, cache_seqlens,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *part_out.stride(), *part_lse.stride(),
+        block_table.stride(0) if paged else 0,
+        hkv, group, sq, new_tokens, keys_per_split, page_size,
+        float(scale), float(softcap or 1.0), max(window[0], 0), max(window[1], 0),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap is not None, PAGED=paged,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _combine_kernel[(b * hq * sq,)](
+            part_out, part_lse, out, lse,
+            *part_out.stride(), *part_lse.stride(), *out.stride(), *lse.stride(),
+            hq, sq, num_splits,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            RETURN_LSE=return_lse, num_warps=4,
+        )
+    return out, (lse if return_lse else None)
