@@ -134,7 +134,7 @@ def attention_varlen(
 
 def attention_with_kvcache(
     q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=True, scale=None,
-    window=None, softcap=None, return_lse=False, num_splits=0, backend="auto",
+    window=None, softcap=None, return_lse=False, num_splits=0, check_bounds=True, backend="auto",
 ):
     """Attention of new query tokens over a KV cache (decode, chunked prefill, speculative verification).
 
@@ -151,6 +151,9 @@ def attention_with_kvcache(
             ``cache_seqlens[b] (+ Sq if k_new)`` keys.
         num_splits: key splits per sequence for the split-KV kernel; 0 chooses from batch, heads, cache size
             and SM count. Any value gives the same result up to rounding.
+        check_bounds: read ``cache_seqlens`` and ``block_table`` on the host to check that every sequence fits
+            its cache and every page id exists (a device sync). Skipped inside CUDA-graph capture and
+            torch.compile; a serving loop whose own bookkeeping guarantees it (``PagedKVCache``) may pass False.
         Other options as in :func:`attention`.
     Returns:
         ``out [B, Hq, Sq, D]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
@@ -182,7 +185,7 @@ def attention_with_kvcache(
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
     new_tokens = sq if k_new is not None else 0
-    if _may_read_device_values():
+    if check_bounds and _may_read_device_values():
         _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table)
     chosen = _backend(q, backend)
 

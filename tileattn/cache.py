@@ -45,8 +45,11 @@ class PagedKVCache:
         cache = PagedKVCache(num_pages=1024, page_size=16, kv_heads=8, head_dim=128, max_seqs=64,
                              max_pages_per_seq=256, dtype=torch.bfloat16, device="cuda")
         seq = cache.add_sequence()
-        cache.append(seq, k, v)                    # k, v: [Hkv, n, D]
-        out = tileattn.attention_with_kvcache(q, **cache.kernel_args([seq]))
+        cache.append(seq, k_prompt, v_prompt)      # [Hkv, n, D]
+        # Decode step: make room, let the kernel write the new token while attending, then count it.
+        cache.reserve(seq, 1)
+        out = tileattn.attention_with_kvcache(q, **cache.kernel_args([seq]), k_new=k, v_new=v)
+        cache.advance(seq, 1)
     """
 
     def __init__(self, num_pages, page_size, kv_heads, head_dim, *, max_seqs, max_pages_per_seq,
@@ -103,6 +106,16 @@ class PagedKVCache:
             self.block_table[seq, len(self._pages[seq])] = page
             self._pages[seq].append(page)
 
+    def advance(self, seq: int, num_tokens: int) -> None:
+        """Count ``num_tokens`` more tokens as written (by ``attention_with_kvcache(..., k_new=, v_new=)``
+        into pages made ready by :meth:`reserve`)."""
+        self._check_seq(seq)
+        room = len(self._pages[seq]) * self.page_size - self._lengths[seq]
+        if not 0 <= num_tokens <= room:
+            raise ValueError(f"sequence {seq} has room for {room} more tokens (reserve first), got {num_tokens}")
+        self._lengths[seq] += num_tokens
+        self.seqlens[seq] = self._lengths[seq]
+
     def append(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k``/``v`` ``[Hkv, n, D]`` to sequence ``seq`` (pages are allocated as needed)."""
         self._check_seq(seq)
@@ -117,8 +130,7 @@ class PagedKVCache:
         start = torch.tensor([self._lengths[seq]], dtype=torch.int32, device=self.device)
         table = self.block_table[seq:seq + 1]
         write_kv(self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2), k[None], v[None], start, table)
-        self._lengths[seq] += k.shape[1]
-        self.seqlens[seq] = self._lengths[seq]
+        self.advance(seq, k.shape[1])
 
     def kernel_args(self, seqs) -> dict:
         """``k_cache``, ``v_cache``, ``cache_seqlens`` and ``block_table`` for the sequences ``seqs``, in that

@@ -27,10 +27,17 @@ def _info(args) -> int:
 
 def _bench(args) -> int:
     suite = args.suite or ("kernels" if torch.cuda.is_available() else "demo")
+    if suite != "demo" and not torch.cuda.is_available():
+        print(f"tileattn bench {suite} needs a CUDA GPU; without one, run `tileattn bench` (the CPU demo).")
+        return 2
     if suite == "kernels":
         from .bench import kernels
 
         paths = kernels.run(args.out)
+    elif suite in ("decode", "varlen"):
+        from .bench import decode
+
+        paths = decode.run(args.out) if suite == "decode" else decode.run_varlen(args.out)
     else:
         from .bench import demo
 
@@ -46,7 +53,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tileattn", description="Exact IO-aware attention: benchmarks and info.")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite (default: kernels on a GPU, demo on CPU)")
-    bench.add_argument("suite", nargs="?", choices=["kernels", "demo"])
+    bench.add_argument("suite", nargs="?", choices=["kernels", "decode", "varlen", "demo"])
     bench.add_argument("--out", default="tileattn-bench", help="folder for JSON and markdown results")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions, device, and which backends are usable here")

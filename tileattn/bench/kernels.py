@@ -65,8 +65,6 @@ def measure(fn, *args):
 
 def run(out_dir, *, head_dims=(64, 128), seqlens=SEQLENS, tokens=16384, heads=32, dtype=torch.bfloat16,
         causal_modes=(False, True), impls=IMPLS, progress=print):
-    if not torch.cuda.is_available():
-        raise SystemExit("tileattn bench kernels needs a CUDA GPU; on CPU run `tileattn bench demo`")
     env = environment()
     fns = implementations()
     rows = []

@@ -116,7 +116,7 @@ def _combine_kernel(
     tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_m * stride_om + offs_d * stride_od,
              out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
     if RETURN_LSE:
-        lse = tl.where(total > 0, lse_max + tl.log(total), float("-inf"))
+        lse = tl.where(total > 0, lse_max + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
         tl.store(Lse + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
 
 
