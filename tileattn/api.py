@@ -10,7 +10,7 @@ import torch
 from . import dispatch
 from . import reference
 from .cache import write_kv
-from .reference import naive_attention, tiled_attention, window_bounds
+from .reference import lse_dtype, naive_attention, tiled_attention, window_bounds
 
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,7 +44,7 @@ def attention(
         window: ``(left, right)``: query ``i`` sees keys ``i + Sk - Sq - left ..= i + Sk - Sq + right``;
             None or -1 leaves a side unbounded. Combined with ``causal``, ``right`` is capped at 0.
         softcap: if given (> 0), scores become ``softcap * tanh(scores / softcap)`` before masking.
-        return_lse: also return the natural-log logsumexp of each row, fp32 ``[B, Hq, Sq]``.
+        return_lse: also return the natural-log logsumexp of each row, ``[B, Hq, Sq]``, fp32 (fp64 for fp64 inputs).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
     Returns:
@@ -65,7 +65,7 @@ def attention(
     sk = k.shape[2]
     if b == 0 or sq == 0 or sk == 0:  # nothing to launch: empty result, or rows that see no key
         out = q.new_zeros(q.shape)
-        lse = torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((b, hq, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
 
     options = dict(scale=scale, mask=mask, softcap=softcap)
@@ -119,7 +119,7 @@ def attention_varlen(
     options = dict(scale=scale, softcap=softcap)
     if q.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
         out = q.new_zeros(q.shape)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     elif chosen == "triton":
         from .kernels.prefill import prefill_attention_varlen
 

@@ -59,8 +59,8 @@ class PagedKVCache:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.page_size, self.kv_heads, self.head_dim = page_size, kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
         self.k_pool = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+        self.dtype, self.device = dtype, self.k_pool.device  # "cuda" resolved to "cuda:0": compare like with like
         self.v_pool = torch.zeros_like(self.k_pool)
         self.block_table = torch.zeros(max_seqs, max_pages_per_seq, dtype=torch.int32, device=device)
         self.seqlens = torch.zeros(max_seqs, dtype=torch.int32, device=device)

@@ -28,6 +28,11 @@ __all__ = ["naive_attention", "tiled_attention", "varlen_attention", "kvcache_at
 UNBOUNDED = -1
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """LSE is fp32, or fp64 when computing in fp64 (so the float64 oracle keeps its precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def window_bounds(causal: bool, window) -> tuple[int, int]:
     """Fold ``causal`` and ``window`` into ``(left, right)`` key offsets, -1 meaning unbounded.
 
@@ -88,7 +93,7 @@ def naive_attention(
     ``naive_attention(q.double(), ...)`` is the float64 oracle and ``naive_attention(q, ...)`` on fp16
     inputs is "PyTorch's own naive attention in the same low precision" of the tolerance rule.
     K/V heads are repeated for GQA, as eager attention does.
-    Returns ``out`` (q's dtype) or ``(out, lse)`` with lse fp32 ``[B, Hq, Sq]``.
+    Returns ``out`` (q's dtype) or ``(out, lse)`` with lse ``[B, Hq, Sq]``, fp32 (fp64 when computing in fp64).
     """
     scale, mask = _defaults(q, k, scale, mask)
     left, right = window_bounds(causal, window)
@@ -106,7 +111,7 @@ def naive_attention(
     probs = torch.exp(logits - lse.masked_fill(lse == float("-inf"), 0.0))
     out = torch.matmul(probs, vf).to(q.dtype)
     if return_lse:
-        return out, lse.squeeze(-1).float()
+        return out, lse.squeeze(-1).to(lse_dtype(dtype))
     return out
 
 
@@ -130,7 +135,7 @@ def tiled_attention(
     diag = sk - sq
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
-    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, sq, dtype=lse_dtype(q.dtype), device=q.device)
     # K/V as [B, Hkv, 1, Sk, D]: the singleton broadcasts over the G query heads of each group.
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
     mask5 = None if mask is None else mask.view(b, hkv, group, sq, sk)
@@ -163,7 +168,7 @@ def tiled_attention(
         out_block = torch.where(seen, acc / torch.where(seen, l, 1.0), 0.0)
         out[:, :, q0:q1] = out_block.reshape(b, hq, q1 - q0, d).to(q.dtype)
         lse_block = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
-        lse[:, :, q0:q1] = lse_block.reshape(b, hq, q1 - q0).float()
+        lse[:, :, q0:q1] = lse_block.reshape(b, hq, q1 - q0)
     if return_lse:
         return out, lse
     return out
@@ -173,7 +178,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, i
     """Packed sequences (q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``), one sequence at a time through
     ``impl``. Returns ``out [total_q, Hq, D]`` or ``(out, lse [Hq, total_q])``."""
     out = torch.empty_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         (q0, q1), (k0, k1) = (cq[b], cq[b + 1]), (ck[b], ck[b + 1])
@@ -203,7 +208,7 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block
     """``q [B, Hq, Sq, D]`` against each sequence's first ``cache_seqlens[b] + new_tokens`` cached tokens
     (already written), one sequence at a time through ``impl``; bottom-right aligned."""
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
     for b, cached in enumerate(cache_seqlens.tolist()):
         length = cached + new_tokens
         k = gather_cache(k_cache, b, length, block_table)[None]
@@ -222,9 +227,10 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     ``out_*`` ``[..., D]`` and natural-log ``lse_*`` ``[...]`` (e.g. ``[B, H, S, D]`` and ``[B, H, S]``). With
     ``lse = log(exp(lse_a) + exp(lse_b))``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``.
     A side with lse ``-inf`` (saw no key) contributes nothing; if both did, out is 0 and lse ``-inf``.
-    Returns ``(out, lse)`` with out in ``out_a``'s dtype and lse fp32.
+    Returns ``(out, lse)`` with out in ``out_a``'s dtype and lse fp32 (fp64 when either input is fp64).
     """
-    lse_a, lse_b = lse_a.float(), lse_b.float()
+    acc = lse_dtype(torch.promote_types(out_a.dtype, lse_a.dtype))
+    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     top = torch.maximum(lse_a, lse_b)
     top = top.masked_fill(top == float("-inf"), 0.0)
     wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
@@ -233,5 +239,5 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     lse = torch.where(seen, top + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
     scale_a = torch.where(seen, wa / torch.where(seen, total, 1.0), 0.0)[..., None]
     scale_b = torch.where(seen, wb / torch.where(seen, total, 1.0), 0.0)[..., None]
-    out = scale_a * out_a.float() + scale_b * out_b.float()
+    out = scale_a * out_a.to(acc) + scale_b * out_b.to(acc)
     return out.to(out_a.dtype), lse

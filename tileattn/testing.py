@@ -1,8 +1,12 @@
 """Test helpers: random inputs in awkward layouts, and the comparison against the float64 oracle.
 
 Tolerance rule (FlashAttention's): a backend's max error against the float64 result may be at most
-twice the max error of PyTorch's own naive attention computed in the input's precision, plus one
-unit of rounding of that precision at the output's magnitude (``finfo(dtype).eps * max(1, max|ref|)``). LSE is checked absolutely: it is computed in fp32
+twice the max error of PyTorch's own naive attention computed in the input's precision, plus a small
+absolute term: one unit of rounding of that precision at the output's magnitude
+(``finfo(dtype).eps * max(1, max|ref|)``) for fp16/bf16, eight for fp32. In fp32 the naive baseline is
+~1 ulp, while the kernels fold the softmax scale into the ``exp2`` argument (FlashAttention's trick):
+rounding that argument costs ``eps * |logit|`` relative, a few ulps at logits ~10. Real defects (a
+wrong mask, a skipped block) are orders of magnitude larger. LSE is checked absolutely: it is computed in fp32
 from the same rounded inputs, so precision of the inputs does not enter it.
 """
 
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import naive_attention
+from .reference import lse_dtype, naive_attention
 
 LAYOUTS = ("contiguous", "bshd", "strided", "dmajor")
 
@@ -58,17 +62,18 @@ def assert_matches_oracle(out, q, k, v, lse=None, **options):
         return
     err = (out.double() - ref).abs().max().item()
     if q.dtype == torch.float64:
-        bound = 1e-10
+        bound, rule = 1e-10, "float64"
     else:
         low_precision = naive_attention(q, k, v, **options)
         base = (low_precision.double() - ref).abs().max().item()
-        magnitude = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-        bound = 2 * base + torch.finfo(q.dtype).eps * magnitude
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (2x naive {q.dtype} error + 1 ulp of |out|)"
+        ulps = 8 if q.dtype == torch.float32 else 1
+        bound = 2 * base + ulps * torch.finfo(q.dtype).eps * max(1.0, ref.abs().max().item())
+        rule = f"2x naive {q.dtype} error + {ulps} ulp of |out|"
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} ({rule})"
     empty_rows = ref_lse == float("-inf")
     assert (out[empty_rows] == 0).all(), "rows that see no key must be exactly 0"
     if lse is not None:
-        assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+        assert lse.shape == q.shape[:3] and lse.dtype == lse_dtype(q.dtype)
         assert torch.equal(lse == float("-inf"), empty_rows), "lse must be -inf exactly on rows that see no key"
         lse_err = (lse.double() - ref_lse)[~empty_rows].abs()
         assert lse_err.numel() == 0 or lse_err.max().item() <= 1e-4, f"lse error {lse_err.max().item():.3g}"
