@@ -20,6 +20,11 @@ MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_ADDITIVE = tl.constexpr(2)
 
+# K/V addressing (constexpr switch): one contiguous run of keys, or pages looked up per tile / per key.
+NOT_PAGED = tl.constexpr(0)
+PAGED_PER_TILE = tl.constexpr(1)
+PAGED_PER_KEY = tl.constexpr(2)
+
 
 @triton.jit
 def key_block_ranges(
@@ -139,13 +144,18 @@ def _attend_key_blocks(
 
     ``q`` is ``[M, BLOCK_D]``; ``q_pos`` the query position (0..Sq-1) of each of its rows.
     ``k_base`` (``[BLOCK_D, 1]``) and ``v_base`` (``[1, BLOCK_D]``) point at key 0 of this K/V head;
-    key ``j`` lives ``j * stride`` further, or with ``PAGED`` in page ``block_table[j // page_size]``
-    at slot ``j % page_size``. ``EDGE`` blocks are masked elementwise by window and length; the
+    key ``j`` lives ``j * stride`` further, or when paged in page ``block_table[j // page_size]`` at
+    slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
     others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
-        if PAGED:
+        if PAGED == PAGED_PER_TILE:  # the tile lies in one page: one page id, contiguous rows
+            page = tl.load(block_table + start // page_size).to(tl.int64)
+            slot = start % page_size + offs_n
+            k_offs = page * stride_kpage + slot * stride_kn
+            v_offs = page * stride_vpage + slot * stride_vn
+        elif PAGED == PAGED_PER_KEY:
             page = tl.load(block_table + cols // page_size, mask=cols < seqlen_k, other=0).to(tl.int64)
             slot = cols % page_size
             k_offs = page * stride_kpage + slot * stride_kn

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MASK_NONE, attend_keys, finalize, key_block_ranges, load_tile
+from .common import (
+    MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, finalize, key_block_ranges, load_tile,
+)
 
 
 @triton.jit
@@ -50,7 +52,7 @@ def _decode_split_kernel(
               + offs_d[None, :] * stride_qd)
     q = load_tile(q_ptrs, rows[:, None], offs_d[None, :], group_size * seqlen_q, HEAD_DIM, BLOCK_D, True)
 
-    if PAGED:  # key j is in page block_table[b, j // page_size], slot j % page_size
+    if PAGED != NOT_PAGED:  # key j is in page block_table[b, j // page_size], slot j % page_size
         k_base = K + off_hkv * stride_kh + offs_d[:, None] * stride_kd
         v_base = V + off_hkv * stride_vh + offs_d[None, :] * stride_vd
     else:
@@ -120,17 +122,19 @@ def _combine_kernel(
         tl.store(Lse + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
 
 
-# (block_n, num_warps, num_stages): decode is memory-bound; deep pipelines keep loads in flight.
-_DECODE_CONFIG = (64, 4, 3)
+# (block_n, num_warps, num_stages): from the decode sweep on an H100 (benchmarks/sweep_decode.py,
+# benchmarks/NOTES.md): the most robust tile over contiguous and paged caches with automatic splits.
+_DECODE_CONFIG = (128, 4, 3)
 _INTERPRETER_CONFIG = (32, 4, 1)
 MAX_SPLITS = 64
 
 
 def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
                       block_n: int) -> int:
-    """Enough splits for about two programs per SM, but at least 4 key blocks per split."""
+    """Enough splits for about one program per SM (measured better than two: fewer partials to
+    combine, longer streams per program), but at least 4 key blocks per split."""
     programs = batch * kv_heads * row_blocks
-    wanted = triton.cdiv(2 * sm_count, programs)
+    wanted = triton.cdiv(sm_count, programs)
     most = max(1, max_keys // (4 * block_n))
     return max(1, min(wanted, most, MAX_SPLITS))
 
@@ -157,6 +161,7 @@ def decode_attention(
     hkv = k_cache.shape[1]
     group = hq // hkv
     paged = block_table is not None
+    page_size = k_cache.shape[2] if paged else 1
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
     block_m = min(64, max(16, triton.next_power_of_2(group * sq)))
@@ -176,7 +181,10 @@ def decode_attention(
     else:
         part_out = torch.empty(b, hq, sq, num_splits, d, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(b, hq, sq, num_splits, device=q.device, dtype=torch.float32)
-    page_size = k_cache.shape[2] if paged else 1
+    if not paged:
+        paging = NOT_PAGED.value
+    else:
+        paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
     grid = (num_splits, b * hkv, row_blocks)
     _decode_split_kernel[grid](
         q, k_cache, v_cache, part_out, part_lse, block_table if paged else cache_seqlens, cache_seqlens,
@@ -185,7 +193,7 @@ def decode_attention(
         hkv, group, sq, new_tokens, keys_per_split, page_size,
         float(scale), float(softcap or 1.0), max(window[0], 0), max(window[1], 0),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap is not None, PAGED=paged,
+        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap is not None, PAGED=paging,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MASK_ADDITIVE, MASK_BOOL, MASK_NONE, attend_keys, finalize, key_block_ranges, load_tile
+from .common import (
+    MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NOT_PAGED, attend_keys, finalize, key_block_ranges, load_tile,
+)
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _prefill_kernel(
         acc, m_i, l_i, q, k_base, v_base, mask_base, Mask, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, 0, 0, 1,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, NOT_PAGED, DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
     row_ok = rows < seqlen_q

@@ -1,0 +1,59 @@
+"""Time the split-KV decode kernel over tiles (block_n, num_warps, num_stages) and split counts, on
+contiguous and paged caches (CUDA-graph replays, bandwidth of K+V reads). The winners go into
+``_DECODE_CONFIG`` / ``choose_num_splits`` in ``tileattn/kernels/decode.py``; see ``benchmarks/NOTES.md``.
+"""
+
+import argparse
+import json
+
+import torch
+
+from tileattn.bench.decode import graph_time_ms, to_pages
+from tileattn.kernels.decode import choose_num_splits, decode_attention
+
+CASES = [(1, 16384, 8), (16, 4096, 32), (16, 4096, 8), (100, 2048, 8), (64, 4096, 32)]  # (B, L, Hkv), Hq = 32
+CONFIGS = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4), (128, 4, 2)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for b, length, hkv in CASES:
+        k, v = (torch.randn(b, hkv, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        seqlens = torch.full((b,), length, dtype=torch.int32, device="cuda")
+        order = torch.randperm(b * length // 16, device="cuda")
+        layouts = {"contiguous": (k, v, None),
+                   "paged16": (to_pages(k, 16, order), to_pages(v, 16, order), order.view(b, -1).to(torch.int32))}
+        order64 = torch.randperm(b * length // 64, device="cuda")
+        layouts["paged64"] = (to_pages(k, 64, order64), to_pages(v, 64, order64), order64.view(b, -1).to(torch.int32))
+        gbytes = 2 * k.numel() * 2 / 1e9
+        for layout, (kc, vc, table) in layouts.items():
+            timed = []
+            for cfg in CONFIGS:
+                auto = choose_num_splits(b, hkv, 1, length, sms, cfg[0])
+                for splits in sorted({auto, max(1, auto // 2), min(64, auto * 2)}):
+                    fn = lambda: decode_attention(q, kc, vc, seqlens, new_tokens=0, block_table=table,
+                                                  window=(-1, 0), scale=128**-0.5, num_splits=splits, config=cfg)
+                    ms = graph_time_ms(fn)
+                    if ms is None:
+                        continue
+                    tbs = gbytes / ms
+                    results.append(dict(batch=b, seqlen=length, kv_heads=hkv, layout=layout, config=cfg,
+                                        splits=splits, auto_splits=auto, us=ms * 1e3, tb_per_s=tbs))
+                    timed.append((tbs, cfg, splits, splits == auto))
+            timed.sort(reverse=True)
+            default = [t for t in timed if t[1] == CONFIGS[0] and t[3]]
+            print(f"B={b} L={length} Hkv={hkv} {layout:>10}: best " +
+                  ", ".join(f"{c} s={s} {t:.2f}" for t, c, s, _ in timed[:3]) +
+                  (f" | current default {default[0][0]:.2f} TB/s" if default else ""), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
