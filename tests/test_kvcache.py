@@ -243,3 +243,14 @@ def test_paged_cache_misuse_changes_nothing():
         cache.advance(seq, 5)
     assert cache.num_free_pages == state[0] and cache.length(seq) == state[1]
     assert torch.equal(cache.block_table[seq], state[2][seq]) and torch.equal(cache.k_pool, state[3])
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_split_policy_invariants(paged):
+    from tileattn.kernels.decode import MAX_SPLITS, choose_num_splits
+
+    for batch, kv_heads, keys in [(1, 8, 16384), (1, 32, 128), (100, 8, 2048), (512, 32, 4096), (1, 1, 10**6)]:
+        splits = choose_num_splits(batch, kv_heads, 1, keys, 132, 128, paged)
+        assert 1 <= splits <= MAX_SPLITS
+        assert splits == 1 or keys // splits >= 4 * 128  # never fewer than 4 key blocks per split
+    assert choose_num_splits(512, 32, 1, 4096, 132, 128, paged) == 1  # the batch already fills the GPU

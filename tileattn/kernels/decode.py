@@ -130,13 +130,15 @@ MAX_SPLITS = 64
 
 
 def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
-                      block_n: int) -> int:
-    """Enough splits for about one program per SM (measured better than two: fewer partials to
-    combine, longer streams per program), but at least 4 key blocks per split."""
+                      block_n: int, paged: bool) -> int:
+    """Key splits per sequence, from the split sweep on an H100 (benchmarks/NOTES.md): a contiguous cache
+    streams best from few long programs (about one per two SMs, no split once there are that many
+    sequences x KV heads); a paged cache, whose tile addresses wait on a block-table load, wants about two
+    programs per SM to hide that latency. Never fewer than 4 key blocks per split."""
     programs = batch * kv_heads * row_blocks
-    wanted = triton.cdiv(sm_count, programs)
+    target = 2 * sm_count if paged else max(1, sm_count // 2)
     most = max(1, max_keys // (4 * block_n))
-    return max(1, min(wanted, most, MAX_SPLITS))
+    return max(1, min(triton.cdiv(target, programs), most, MAX_SPLITS))
 
 
 def decode_attention(
@@ -170,7 +172,7 @@ def decode_attention(
     block_n, num_warps, num_stages = config or (_INTERPRETER_CONFIG if interpreted else _DECODE_CONFIG)
     if num_splits <= 0:
         sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n)
+        num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
     num_splits = triton.cdiv(capacity, keys_per_split)  # no split left empty by the rounding
 
