@@ -134,11 +134,12 @@ def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int,
     """Key splits per sequence, from the split sweep on an H100 (benchmarks/NOTES.md): a contiguous cache
     streams best from few long programs (about one per two SMs, no split once there are that many
     sequences x KV heads); a paged cache, whose tile addresses wait on a block-table load, wants about two
-    programs per SM to hide that latency. Never fewer than 4 key blocks per split."""
+    programs per SM to hide that latency. Rounded down, never up: one program fits an SM at these tile sizes,
+    so a grid just past the target runs a nearly empty extra wave. Never fewer than 4 key blocks per split."""
     programs = batch * kv_heads * row_blocks
     target = 2 * sm_count if paged else max(1, sm_count // 2)
     most = max(1, max_keys // (4 * block_n))
-    return max(1, min(triton.cdiv(target, programs), most, MAX_SPLITS))
+    return max(1, min(target // programs, most, MAX_SPLITS))
 
 
 def decode_attention(
