@@ -34,6 +34,10 @@ def _bench(args) -> int:
         from .bench import kernels
 
         paths = kernels.run(args.out)
+    elif suite == "e2e":
+        from .bench import e2e
+
+        paths = e2e.run(args.out)
     elif suite in ("decode", "varlen"):
         from .bench import decode
 
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tileattn", description="Exact IO-aware attention: benchmarks and info.")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite (default: kernels on a GPU, demo on CPU)")
-    bench.add_argument("suite", nargs="?", choices=["kernels", "decode", "varlen", "demo"])
+    bench.add_argument("suite", nargs="?", choices=["kernels", "decode", "varlen", "e2e", "demo"])
     bench.add_argument("--out", default="tileattn-bench", help="folder for JSON and markdown results")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions, device, and which backends are usable here")

@@ -1,0 +1,92 @@
+"""tileattn.flash_attn_compat: flash-attn 2's argument names, layout and semantics, against the oracle."""
+
+import sys
+
+import pytest
+import torch
+
+import tileattn.flash_attn_compat as fa
+from tileattn.testing import assert_matches_oracle
+
+from conftest import DEVICE
+
+
+def bshd(b, s, h, d, dtype=torch.float16):
+    return torch.randn(b, s, h, d, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("causal,window_size,softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0),
+                                                        (False, (8, 2), 0.0), (True, (5, -1), 3.0)])
+def test_flash_attn_func(causal, window_size, softcap):
+    q, k, v = bshd(2, 37, 4, 64), bshd(2, 53, 2, 64), bshd(2, 53, 2, 64)
+    out, lse, probs = fa.flash_attn_func(q, k, v, causal=causal, window_size=window_size, softcap=softcap,
+                                         return_attn_probs=True)
+    assert out.shape == q.shape and probs is None
+    window = None if window_size == (-1, -1) else window_size
+    assert_matches_oracle(out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lse=lse,
+                          causal=causal, window=window, softcap=softcap or None)
+
+
+def test_qkvpacked():
+    qkv = torch.randn(2, 40, 3, 4, 32, device=DEVICE).half()
+    out = fa.flash_attn_qkvpacked_func(qkv, causal=True, softmax_scale=0.2)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert_matches_oracle(out.transpose(1, 2), q, k, v, causal=True, scale=0.2)
+
+
+def test_varlen():
+    lengths = [5, 31, 1, 17]
+    cu = torch.tensor([0, 5, 36, 37, 54], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(54, h, 32, device=DEVICE).half() for h in (4, 2, 2))
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True,
+                                            return_attn_probs=True)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        seq = [t[a:b][None].transpose(1, 2) for t in (q, k, v)]
+        assert_matches_oracle(out[a:b][None].transpose(1, 2), *seq, lse=lse[:, a:b][None], causal=True)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_with_kvcache_appends_and_attends(paged):
+    b, hkv, d, cached = 2, 2, 32, [9, 20]
+    if paged:
+        k_cache, v_cache = bshd(8, 16, hkv, d), bshd(8, 16, hkv, d)  # [num_blocks, block_size, Hkv, D]
+        table = torch.tensor([[3, 0], [5, 6]], dtype=torch.int32, device=DEVICE)
+    else:
+        k_cache, v_cache, table = bshd(b, 32, hkv, d), bshd(b, 32, hkv, d), None
+    q, k_new, v_new = bshd(b, 2, 4, d), bshd(b, 2, hkv, d), bshd(b, 2, hkv, d)
+    seqlens = torch.tensor(cached, dtype=torch.int32, device=DEVICE)
+    out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                         block_table=table, causal=True, return_softmax_lse=True)
+    for i, n in enumerate(cached):
+        if paged:
+            keys = k_cache[table[i].long()].reshape(-1, hkv, d)[: n + 2]
+            values = v_cache[table[i].long()].reshape(-1, hkv, d)[: n + 2]
+        else:
+            keys, values = k_cache[i, : n + 2], v_cache[i, : n + 2]
+        assert torch.equal(keys[n:], k_new[i])
+        assert_matches_oracle(out[i:i + 1].transpose(1, 2), q[i:i + 1].transpose(1, 2), keys[None].transpose(1, 2),
+                              values[None].transpose(1, 2), lse=lse[i:i + 1], causal=True)
+
+
+def test_int_cache_seqlens_and_full_cache_default():
+    k_cache, v_cache, q = bshd(2, 24, 2, 16), bshd(2, 24, 2, 16), bshd(2, 1, 2, 16)
+    full = fa.flash_attn_with_kvcache(q, k_cache, v_cache)
+    assert torch.equal(full, fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=24))
+    assert_matches_oracle(full.transpose(1, 2), q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+
+
+def test_unsupported_arguments_are_clear_errors():
+    q = bshd(1, 4, 2, 16)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="dropout_p must be 0"):
+        fa.flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="rotary_cos"):
+        fa.flash_attn_with_kvcache(q, q, q, rotary_cos=torch.ones(4, 8, device=DEVICE))
+
+
+def test_alias_as_flash_attn_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", fa)
+    from flash_attn import flash_attn_func  # noqa: PLC0415
+
+    assert flash_attn_func is fa.flash_attn_func

@@ -1,0 +1,41 @@
+"""tileattn.integrations.timm.patch on timm ViTs: outputs match the unpatched model."""
+
+import copy
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+import tileattn.integrations.timm as tileattn_timm  # noqa: E402
+
+from conftest import DEVICE  # noqa: E402
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("vit_tiny_patch16_224", dict(img_size=64)),
+    ("deit_tiny_patch16_224", dict(img_size=64)),
+    ("vit_small_patch16_224", dict(img_size=48, qk_norm=True)),
+])
+def test_patched_vit_matches_unpatched(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).to(DEVICE).eval()
+    patched = copy.deepcopy(model)
+    count = tileattn_timm.patch(patched)
+    assert count == len(model.blocks)
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_patched_vit_half_precision_gpu():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().eval().half()
+    patched = copy.deepcopy(model)
+    tileattn_timm.patch(patched)
+    x = torch.randn(4, 3, 224, 224, device="cuda").half()
+    with torch.no_grad():
+        expected, got = model(x).float(), patched(x).float()
+    assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()

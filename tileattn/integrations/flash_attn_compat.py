@@ -1,0 +1,85 @@
+"""An import-compatible subset of flash-attn 2's Python API, running on tileattn.
+
+Code written against flash-attn runs where flash-attn cannot be built::
+
+    import sys, tileattn.flash_attn_compat
+    sys.modules["flash_attn"] = tileattn.flash_attn_compat      # before the code imports flash_attn
+    from flash_attn import flash_attn_func
+
+Same argument names, ``[batch, seqlen, heads, head_dim]`` layout, bottom-right causal alignment,
+``window_size=(left, right)`` with -1 for unbounded, ``softcap=0.0`` meaning off, and the same return
+values. Inference only: ``dropout_p`` must be 0; ``alibi_slopes``, rotary embeddings inside
+``flash_attn_with_kvcache``, ``cache_batch_idx`` and ``cache_leftpad`` raise ``NotImplementedError``.
+``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
+as a testing aid that may be wrongly scaled; tileattn never materializes them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import api
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+
+
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    if dropout_p:
+        raise ValueError("dropout_p must be 0: tileattn is an inference library")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes are not supported by tileattn")
+    left, right = window_size
+    window = None if (left, right) == (-1, -1) else (left, right)
+    return dict(scale=softmax_scale, causal=causal, window=window, softcap=softcap or None)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` -> out ``[B, Sq, Hq, D]`` (plus lse ``[B, Hq, Sq]``)."""
+    out, lse = api.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=True,
+                             **_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
+    out = out.transpose(1, 2)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                              alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv ``[B, S, 3, H, D]`` -> out ``[B, S, H, D]``."""
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]`` -> out ``[total_q, Hq, D]`` (plus lse ``[Hq, total_q]``)."""
+    if block_table is not None:
+        raise NotImplementedError("paged varlen prefill is not supported; use flash_attn_with_kvcache")
+    out, lse = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                    return_lse=True,
+                                    **_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                            num_splits=0, return_softmax_lse=False):
+    """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``, ``[num_blocks, block_size, Hkv, D]``;
+    ``k``/``v`` ``[B, Sq, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending."""
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                        ("cache_leftpad", cache_leftpad)):
+        if value is not None:
+            raise NotImplementedError(f"{name} is not supported by tileattn's flash_attn_with_kvcache")
+    batch = q.shape[0]
+    if cache_seqlens is None:  # flash-attn: the whole cache is valid
+        cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    options = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    out, lse = api.attention_with_kvcache(
+        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
+        k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),
+        block_table=block_table, num_splits=num_splits, return_lse=True, **options)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out
