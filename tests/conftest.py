@@ -12,6 +12,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests use local or random weights only; never reach the Hub
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

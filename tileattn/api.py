@@ -70,9 +70,9 @@ def attention(
 
     options = dict(scale=scale, mask=mask, softcap=softcap)
     if chosen == "triton":
-        from .kernels.prefill import prefill_attention
+        from . import ops
 
-        out, lse = prefill_attention(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
+        out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
     else:
         reference = tiled_attention if chosen == "torch" else naive_attention
         result = reference(q, k, v, window=(left, right), return_lse=return_lse, **options)
@@ -121,10 +121,10 @@ def attention_varlen(
         out = q.new_zeros(q.shape)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     elif chosen == "triton":
-        from .kernels.prefill import prefill_attention_varlen
+        from . import ops
 
-        out, lse = prefill_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            window=(left, right), return_lse=bool(return_lse), **options)
+        out, lse = ops.run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          window=(left, right), return_lse=bool(return_lse), **options)
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, impl=impl,
@@ -193,10 +193,10 @@ def attention_with_kvcache(
         write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     options = dict(scale=scale, softcap=softcap, window=(left, right))
     if chosen == "triton":
-        from .kernels.decode import decode_attention
+        from . import ops
 
-        out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
-                                    return_lse=bool(return_lse), num_splits=num_splits, **options)
+        out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
+                                  return_lse=bool(return_lse), num_splits=num_splits, **options)
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
         out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens,

@@ -13,7 +13,6 @@ otherwise. (Calibrated sequence-length crossovers come with ``tileattn tune``.)
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -22,14 +21,22 @@ BACKENDS = ("auto", "triton", "torch", "naive")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
+_NOT_CHECKED = object()
+_triton_error = _NOT_CHECKED
+
+
+@torch.compiler.assume_constant_result  # a host fact: torch.compile folds it instead of tracing the import
 def triton_import_error() -> str | None:
-    """None when Triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    """None when Triton imports, else the reason it does not (checked once per process)."""
+    global _triton_error
+    if _triton_error is _NOT_CHECKED:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _triton_error = f"triton is not importable ({type(exc).__name__}: {exc})"
+        else:
+            _triton_error = None
+    return _triton_error
 
 
 def interpreter_enabled() -> bool:

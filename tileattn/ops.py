@@ -1,0 +1,93 @@
+"""The Triton launchers as PyTorch custom ops (``torch.ops.tileattn.*``), with fake (meta) implementations,
+so ``torch.compile(..., fullgraph=True)`` sees attention as one opaque op instead of breaking the graph
+at a Triton launch, and CUDA graphs capture it like any other kernel.
+
+The public functions call these ops only while compiling: in eager mode they call the launchers
+directly, which skips the custom-op dispatcher's host overhead (tens of microseconds, as much as a
+whole decode step at batch 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.decode import decode_attention
+from .kernels.prefill import prefill_attention, prefill_attention_varlen
+
+
+def _lse_or_empty(lse, like):
+    return lse if lse is not None else like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("tileattn::prefill", mutates_args=())
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            window_left: int, window_right: int, softcap: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prefill_attention``; softcap 0 means none; lse is empty unless ``return_lse``."""
+    out, lse = prefill_attention(q, k, v, window=(window_left, window_right), scale=scale, softcap=softcap or None,
+                                 mask=mask, return_lse=return_lse)
+    return out, _lse_or_empty(lse, q)
+
+
+@prefill.register_fake
+def _(q, k, v, mask, scale, window_left, window_right, softcap, return_lse):
+    return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("tileattn::prefill_varlen", mutates_args=())
+def prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+                   window_right: int, softcap: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = prefill_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        window=(window_left, window_right), scale=scale, softcap=softcap or None,
+                                        return_lse=return_lse)
+    return out, _lse_or_empty(lse, q)
+
+
+@prefill_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+      return_lse):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("tileattn::decode", mutates_args=())
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+           block_table: torch.Tensor | None, new_tokens: int, scale: float, window_left: int, window_right: int,
+           softcap: float, return_lse: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
+                                window=(window_left, window_right), scale=scale, softcap=softcap or None,
+                                return_lse=return_lse, num_splits=num_splits)
+    return out, _lse_or_empty(lse, q)
+
+
+@decode.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, new_tokens, scale, window_left, window_right, softcap,
+      return_lse, num_splits):
+    return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+
+
+def _result(out, lse, return_lse):
+    return out, (lse if return_lse else None)
+
+
+def run_prefill(q, k, v, *, mask, scale, window, softcap, return_lse):
+    if torch.compiler.is_compiling():
+        return _result(*prefill(q, k, v, mask, scale, *window, softcap or 0.0, return_lse), return_lse)
+    return prefill_attention(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse)
+
+
+def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, softcap,
+                       return_lse):
+    if torch.compiler.is_compiling():
+        return _result(*prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                       *window, softcap or 0.0, return_lse), return_lse)
+    return prefill_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window=window,
+                                    scale=scale, softcap=softcap, return_lse=return_lse)
+
+
+def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, scale, window, softcap, return_lse,
+               num_splits):
+    if torch.compiler.is_compiling():
+        return _result(*decode(q, k_cache, v_cache, cache_seqlens, block_table, new_tokens, scale, *window,
+                               softcap or 0.0, return_lse, num_splits), return_lse)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
+                            window=window, scale=scale, softcap=softcap, return_lse=return_lse, num_splits=num_splits)
