@@ -48,8 +48,8 @@ def attention(
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
     Returns:
-        ``out`` with q's dtype, device and logical shape ``[B, Hq, Sq, D]`` (same memory layout as q when
-        q is dense), or ``(out, lse)``. A row that sees no key gets output 0 and lse ``-inf``. Scores are
+        ``out`` with q's dtype, device and logical shape ``[B, Hq, Sq, D]`` (on the triton and torch backends,
+        also q's memory layout when q is dense), or ``(out, lse)``. A row that sees no key gets output 0 and lse ``-inf``. Scores are
         accumulated in fp32 (fp64 for fp64 inputs). NaN/Inf in q/k/v propagate as IEEE arithmetic does
         (a NaN in a key a row sees makes that row NaN); inputs are not scanned.
     """
@@ -74,8 +74,8 @@ def attention(
 
         out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
     else:
-        reference = tiled_attention if chosen == "torch" else naive_attention
-        result = reference(q, k, v, window=(left, right), return_lse=return_lse, **options)
+        impl = tiled_attention if chosen == "torch" else naive_attention
+        result = impl(q, k, v, window=(left, right), return_lse=return_lse, **options)
         out, lse = result if return_lse else (result, None)
     return (out, lse) if return_lse else out
 
@@ -89,7 +89,8 @@ def attention_varlen(
     Args:
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``: the sequences concatenated on the token axis.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` on q's device: sequence ``b`` is tokens
-            ``cu[b] .. cu[b + 1]``; starts at 0, non-decreasing, ends at the total.
+            ``cu[b] .. cu[b + 1]``; starts at 0, non-decreasing, ends at the total. Checked on the host (a
+            device sync), except inside CUDA-graph capture and torch.compile.
         max_seqlen_q, max_seqlen_k: the longest sequence of each (sizes the launch grid).
         Other options as in :func:`attention` (no ``mask``); causal is bottom-right aligned per sequence.
     Returns:
