@@ -6,6 +6,7 @@ modules import tileattn. The interpreter computes bfloat16 wrongly, so bf16 runs
 
 import os
 import random
+import tempfile
 import zlib
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests use local or random weights only; never reach the Hub
+# Dispatch reads calibration files from the user's cache dir: tests start from an empty one of their own.
+os.environ["TILEATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tileattn-test-cache-")
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -5,13 +5,14 @@ Public API:
     attention_varlen(q, k, v, cu_seqlens_q, ...)   packed variable-length sequences
     attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, ...)   decode over contiguous or paged caches
     merge_attention(out_a, lse_a, out_b, lse_b)  exact merge of partial attentions
+    explain(q, k, v, ...)                        which backend attention() would use, and why
     cache.PagedKVCache                           paged K/V pools and block tables
     reference                                    plain-PyTorch implementations (the test oracle)
 """
 
 from . import cache, reference
-from .api import attention, attention_varlen, attention_with_kvcache, merge_attention
+from .api import attention, attention_varlen, attention_with_kvcache, explain, merge_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_attention", "cache", "reference",
-           "__version__"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "explain", "merge_attention", "cache",
+           "reference", "__version__"]

@@ -10,7 +10,8 @@ import torch
 from . import dispatch
 from . import reference
 from .cache import write_kv
-from .reference import lse_dtype, naive_attention, tiled_attention, window_bounds
+from .reference import UNBOUNDED, lse_dtype, naive_attention, tiled_attention, window_bounds
+from .sdpa import sdpa_attention
 
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,13 +54,8 @@ def attention(
         accumulated in fp32 (fp64 for fp64 inputs). NaN/Inf in q/k/v propagate as IEEE arithmetic does
         (a NaN in a key a row sees makes that row NaN); inputs are not scanned.
     """
-    _check_tensors(q, k, v)
-    scale = _check_scale(q.shape[-1], scale)
-    left, right = _check_window(window, causal)
-    softcap = _check_softcap(softcap)
-    if mask is not None:
-        mask = _check_mask(mask, q, k)
-    chosen = _backend(q, backend)
+    scale, (left, right), softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
+    chosen = _decide(q, k, v, backend, causal, mask, (left, right), softcap, return_lse).backend
 
     b, hq, sq, d = q.shape
     sk = k.shape[2]
@@ -73,11 +69,24 @@ def attention(
         from . import ops
 
         out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
+    elif chosen.startswith("sdpa"):  # a plain call (see tileattn.sdpa): no mask, window, softcap or lse
+        out, lse = sdpa_attention(q, k, v, kernel=chosen, causal=causal, scale=scale), None
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
         result = impl(q, k, v, window=(left, right), return_lse=return_lse, **options)
         out, lse = result if return_lse else (result, None)
     return (out, lse) if return_lse else out
+
+
+def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
+            backend="auto") -> dispatch.Decision:
+    """Which backend :func:`attention` would run this call on, and why; nothing is computed.
+
+    Takes :func:`attention`'s arguments and validates them the same way. Returns a
+    :class:`tileattn.dispatch.Decision` (``.backend``, ``.reason``; ``print()`` shows both).
+    """
+    scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
+    return _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
 
 
 def attention_varlen(
@@ -221,6 +230,26 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
         raise ValueError(f"expected out_a, out_b of one shape [..., D] and lse_a, lse_b of shape [...], got "
                          f"{tuple(out_a.shape)}, {tuple(out_b.shape)}, {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
     return reference.merge_attention(out_a, lse_a, out_b, lse_b)
+
+
+def _check_attention_call(q, k, v, causal, scale, mask, window, softcap):
+    """Validate ``attention``'s arguments; returns the normalized ``scale, (left, right), softcap, mask``."""
+    _check_tensors(q, k, v)
+    scale = _check_scale(q.shape[-1], scale)
+    window = _check_window(window, causal)
+    softcap = _check_softcap(softcap)
+    if mask is not None:
+        mask = _check_mask(mask, q, k)
+    return scale, window, softcap, mask
+
+
+def _decide(q, k, v, backend, causal, mask, window, softcap, return_lse) -> dispatch.Decision:
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    left, right = window
+    windowed = left != UNBOUNDED or (right != UNBOUNDED and not causal)  # causal alone is the window (-1, 0)
+    return dispatch.decide(q, k, v, backend, causal=causal, has_mask=mask is not None, windowed=windowed,
+                           softcap=softcap, return_lse=bool(return_lse))
 
 
 def _backend(q, backend):

@@ -1,24 +1,53 @@
-"""Which backend runs a call.
+"""Which backend runs a call, and why.
 
 Backends:
-  ``"triton"``  the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
-               which is how CPU CI tests them). fp16, bf16, fp32.
-  ``"torch"``   :func:`tileattn.reference.tiled_attention`, the same algorithm in PyTorch ops; any
-               device and dtype PyTorch supports, float64 included.
-  ``"naive"``   :func:`tileattn.reference.naive_attention`, materializes the score matrix (baseline).
+  ``"triton"``       the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
+                    which is how CPU CI tests them). fp16, bf16, fp32; every feature.
+  ``"sdpa"``         PyTorch SDPA's fused kernels (``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``; on CPU
+                    its fused CPU kernel), only for plain calls whose semantics match exactly (see ``sdpa``).
+                    ``"sdpa"`` takes the fastest calibrated one; the three names pin one.
+  ``"torch"``        :func:`tileattn.reference.tiled_attention`, the same algorithm in PyTorch ops; any
+                    device and dtype PyTorch supports, float64 included.
+  ``"naive"``        :func:`tileattn.reference.naive_attention`, materializes the score matrix (a baseline;
+                    never chosen automatically).
 
-``backend="auto"`` uses Triton for CUDA tensors when Triton imports, the tiled PyTorch path
-otherwise. (Calibrated sequence-length crossovers come with ``tileattn tune``.)
+``backend="auto"`` (the article's "switch algorithms by sequence length"): the calibration table for the
+device (``calibration``: measured by ``tileattn tune``, or shipped defaults) ranks the backends fastest
+first for the call's dtype, causality, head_dim and key length; the first one that can run the call with
+its features wins. Without a table the built-in rule applies: Triton on CUDA; on CPU PyTorch's fused
+kernel for plain calls (2-5x faster than the tiled path there), the tiled path otherwise.
+
+Decisions are cached by everything they depend on (device, dtype, shapes, feature flags), so the host
+cost of ``auto`` is one dict lookup after the first call of a shape. ``TILEATTN_LOG=1`` logs each new
+decision to stderr; :func:`tileattn.explain` returns it for a call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "naive")
+from . import calibration, sdpa
+
+BACKENDS = ("auto", "triton", "sdpa", *sdpa.KERNELS, "torch", "naive")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_CACHED_DECISIONS = 4096
+
+log = logging.getLogger("tileattn")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The backend a call runs on, and why (``str()`` gives both)."""
+
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"backend {self.backend!r}: {self.reason}"
 
 
 _NOT_CHECKED = object()
@@ -59,13 +88,118 @@ def triton_unsupported_reason(q: torch.Tensor) -> str | None:
 
 
 def choose_backend(q: torch.Tensor, requested: str) -> str:
-    """Resolve ``requested`` (one of :data:`BACKENDS`) for a call on ``q``; raises if it cannot run."""
+    """The backend for a varlen or KV-cache call (no SDPA equivalent): Triton on CUDA, else the tiled path."""
     if requested == "auto":
-        if q.device.type == "cuda" and triton_unsupported_reason(q) is None:
-            return "triton"
-        return "torch"
+        return "triton" if q.device.type == "cuda" and triton_unsupported_reason(q) is None else "torch"
     if requested == "triton":
         reason = triton_unsupported_reason(q)
         if reason:
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
+    elif requested not in ("torch", "naive"):
+        raise ValueError(f"backend={requested!r} is for tileattn.attention only; use 'auto', 'triton', 'torch' "
+                         "or 'naive' here")
     return requested
+
+
+_decisions: dict = {}
+
+
+def decide(q, k, v, requested: str, *, causal: bool, has_mask: bool, windowed: bool, softcap, return_lse: bool
+           ) -> Decision:
+    """The backend for a validated ``attention`` call (``requested`` is one of :data:`BACKENDS`)."""
+    plain_strides = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    key = (requested, q.device, q.dtype, q.shape, k.shape, plain_strides, causal, has_mask, windowed,
+           softcap is not None, return_lse)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decide(q, k, v, requested, dict(causal=causal, has_mask=has_mask, windowed=windowed,
+                                                    softcap=softcap, return_lse=return_lse))
+        if len(_decisions) >= MAX_CACHED_DECISIONS:
+            _decisions.clear()
+        _decisions[key] = decision
+        if os.environ.get("TILEATTN_LOG", "0") not in ("", "0"):
+            _log_decision(q, k, causal, decision)
+    return decision
+
+
+def reset() -> None:
+    """Forget cached decisions and calibration tables (after ``tileattn tune``, and in tests)."""
+    _decisions.clear()
+    calibration.reset()
+
+
+def _why_not(backend: str, q, k, v, features: dict) -> str | None:
+    if backend == "triton":
+        return triton_unsupported_reason(q)
+    if backend in sdpa.KERNELS:
+        return (sdpa.unsupported_reason(q, k, v, **features)
+                or sdpa.kernel_unsupported_reason(backend, q, k, v, features["causal"]))
+    if backend == "torch":
+        return None
+    return "never chosen automatically (it materializes the score matrix)"
+
+
+def _decide(q, k, v, requested: str, features: dict) -> Decision:
+    if requested in ("torch", "naive"):
+        return Decision(requested, "requested")
+    if requested != "auto" and requested != "sdpa":
+        reason = _why_not(requested, q, k, v, features)
+        if reason:
+            raise ValueError(f"backend={requested!r} cannot run this call: {reason}")
+        return Decision(requested, "requested")
+    table = calibration.table_for(q.device) if q.device.type in ("cuda", "cpu") else None
+    found = table.lookup(q.dtype, features["causal"], q.shape[-1], k.shape[2]) if table else None
+    if requested == "sdpa":
+        return _decide_sdpa(q, k, v, features, found)
+    skipped = []
+    if found:
+        ranking, where = found
+        for backend in ranking:
+            reason = _why_not(backend, q, k, v, features)
+            if reason is None:
+                note = "; ".join(skipped)
+                return Decision(backend, f"calibrated on {table.device} ({table.source}): {where}, measured order "
+                                         f"{' < '.join(ranking)}" + (f"; skipped {note}" if note else ""))
+            skipped.append(f"{backend} ({reason})")
+    return _built_in_rule(q, k, v, features, table, skipped)
+
+
+def _decide_sdpa(q, k, v, features, found) -> Decision:
+    reason = sdpa.unsupported_reason(q, k, v, **features)
+    if reason:
+        raise ValueError(f"backend='sdpa' cannot run this call exactly: {reason}")
+    order = [b for b in (found[0] if found else ()) if b in sdpa.KERNELS]
+    order += [b for b in sdpa.KERNELS if b not in order]
+    why = {b: sdpa.kernel_unsupported_reason(b, q, k, v, features["causal"]) for b in order}
+    for backend in order:
+        if why[backend] is None:
+            return Decision(backend, "requested 'sdpa'; " + ("fastest calibrated SDPA kernel" if found else
+                                                             "first usable SDPA kernel (no calibration)"))
+    raise ValueError("backend='sdpa' cannot run this call: " + "; ".join(f"{b}: {r}" for b, r in why.items()))
+
+
+def _built_in_rule(q, k, v, features, table, skipped) -> Decision:
+    if table is None:
+        context = f"no calibration for {calibration.device_name(q.device)}"
+    elif skipped:
+        context = "no calibrated backend can run this call (" + "; ".join(skipped) + ")"
+    else:
+        context = f"the calibration for {table.device} has no entry for {q.dtype}, causal={features['causal']}"
+    if q.device.type == "cuda":
+        reason = triton_unsupported_reason(q)
+        if reason is None:
+            return Decision("triton", f"{context}; built-in rule: the Triton kernel on CUDA")
+        return Decision("torch", f"{context}; Triton cannot run it ({reason}): the tiled PyTorch path")
+    if q.device.type == "cpu" and _why_not("sdpa_flash", q, k, v, features) is None:
+        return Decision("sdpa_flash", f"{context}; built-in rule: PyTorch's fused CPU kernel for a plain call")
+    return Decision("torch", f"{context}; built-in rule: the tiled PyTorch path")
+
+
+def _log_decision(q, k, causal, decision) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[tileattn] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.info("attention q%s k%s %s %s causal=%s -> %s", list(q.shape), list(k.shape), str(q.dtype).removeprefix(
+        "torch."), q.device, causal, decision)

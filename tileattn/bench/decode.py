@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .report import environment, markdown_table, write_results
+from .report import Progress, environment, markdown_table, write_results
 
 SHAPES = ((1, 16384), (16, 4096), (64, 4096), (100, 2048), (8, 32768))
 
@@ -54,12 +54,13 @@ def to_pages(cache, page_size, order):
 
 
 def run(out_dir, *, shapes=SHAPES, q_heads=32, kv_heads=(32, 8), head_dim=128, dtype=torch.bfloat16,
-        page_sizes=(16, 64), progress=print):
+        page_sizes=(16, 64), progress=None):
     import tileattn
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     env = environment()
     gen = torch.Generator().manual_seed(0)
+    progress = progress or Progress(len(kv_heads) * len(shapes) * (3 + len(page_sizes)), "decode")
     rows = []
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C keeps what was measured
         for hkv in kv_heads:
@@ -93,7 +94,7 @@ def run(out_dir, *, shapes=SHAPES, q_heads=32, kv_heads=(32, 8), head_dim=128, d
                                tb_per_s=None if ms is None else kv_bytes / ms / 1e9,
                                max_abs_diff_tileattn_vs_sdpa_flash=check)
                     rows.append(row)
-                    progress(f"Hkv={hkv} B={b} L={length} {name:>20}: "
+                    progress.step(f"Hkv={hkv} B={b} L={length} {name:>20}: "
                              + ("-" if ms is None else f"{row['us']:.1f} us, {row['tb_per_s']:.2f} TB/s"))
                 del k, v, impls
     return write_results(out_dir, "decode", env, rows, summarize(rows))
@@ -114,7 +115,7 @@ def summarize(rows) -> str:
 
 
 def run_varlen(out_dir, *, num_seqs=100, min_len=64, max_len=1024, heads=32, head_dim=128, dtype=torch.bfloat16,
-               progress=print):
+               progress=None):
     """Packed prefill of ``num_seqs`` causal prompts against padding them and calling SDPA."""
     import tileattn
     from triton.testing import do_bench
@@ -144,11 +145,12 @@ def run_varlen(out_dir, *, num_seqs=100, min_len=64, max_len=1024, heads=32, hea
                for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())))
     useful_flops = sum(4 * heads * n * n * head_dim / 2 for n in lengths.tolist())
     rows = []
+    progress = progress or Progress(len(impls), "varlen")
     for name, fn in impls.items():
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         rows.append(dict(impl=name, num_seqs=num_seqs, total_tokens=total, padded_tokens=num_seqs * longest, ms=ms,
                          useful_tflops=useful_flops / ms / 1e9, max_abs_diff=diff))
-        progress(f"{name}: {ms:.3f} ms, {useful_flops / ms / 1e9:.0f} useful TFLOP/s")
+        progress.step(f"{name}: {ms:.3f} ms, {useful_flops / ms / 1e9:.0f} useful TFLOP/s")
     table = markdown_table(["implementation", "sequences", "real tokens", "padded tokens", "ms", "useful TFLOP/s"],
                            [[r["impl"], r["num_seqs"], r["total_tokens"], r["padded_tokens"], r["ms"],
                              r["useful_tflops"]] for r in rows])

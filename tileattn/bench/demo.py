@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .report import environment, markdown_table, write_results
+from .report import Progress, environment, markdown_table, write_results
 
 
 def _resident_kib() -> int:
@@ -47,8 +47,9 @@ def measure_in_child(impl, shape, seed, causal):
     return result
 
 
-def run(out_dir, *, seqlens=(1024, 4096), batch=1, heads=8, head_dim=64, causal=False, progress=print):
+def run(out_dir, *, seqlens=(1024, 4096), batch=1, heads=8, head_dim=64, causal=False, progress=None):
     env = environment()
+    progress = progress or Progress(len(seqlens), "demo")
     rows = []
     for s in seqlens:
         shape = (batch, heads, s, head_dim)
@@ -58,7 +59,7 @@ def run(out_dir, *, seqlens=(1024, 4096), batch=1, heads=8, head_dim=64, causal=
             rows.append(dict(impl="naive" if impl == "naive" else "tileattn (tiled torch)", seqlen=s, batch=batch,
                              heads=heads, head_dim=head_dim, causal=causal, seconds=seconds,
                              peak_extra_mib=peak, max_abs_err_vs_naive=err))
-        progress(f"S={s}: max |tiled - naive| = {err:.2e}; peak extra memory naive "
+        progress.step(f"S={s}: max |tiled - naive| = {err:.2e}; peak extra memory naive "
                  f"{results['naive'][2]:.0f} MiB, tiled {results['torch'][2]:.0f} MiB")
     table = markdown_table(
         ["implementation", "S", "seconds (one call)", "peak extra MiB", "max abs err vs naive"],

@@ -2,7 +2,7 @@
 
 For each head dim, causal or not, and sequence length S (batch = tokens // S, so every point does
 the same work per token), it times tileattn's Triton kernel, PyTorch SDPA's flash (FlashAttention-2)
-and cuDNN backends, and naive attention, all in one process on the same inputs. FLOPs of one forward
+and cuDNN backends (and memory-efficient), and naive attention, all in one process on the same inputs. FLOPs of one forward
 are ``4 * B * H * S * S * D``, halved when causal. Peak extra memory is what the call allocates on top
 of its inputs (its output included). tileattn's output is checked against SDPA's before timing.
 """
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import naive_attention
-from .report import environment, markdown_table, write_results
+from .report import Progress, environment, markdown_table, write_results
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
-IMPLS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "naive")
+IMPLS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "naive")
 
 
 def _sdpa(backend_name):
@@ -40,6 +40,7 @@ def implementations():
         "tileattn": lambda q, k, v, causal: tileattn.attention(q, k, v, causal=causal, backend="triton"),
         "sdpa_flash": _sdpa("FLASH_ATTENTION"),
         "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
+        "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
         "naive": lambda q, k, v, causal: naive_attention(q, k, v, causal=causal),
     }
 
@@ -64,9 +65,10 @@ def measure(fn, *args):
 
 
 def run(out_dir, *, head_dims=(64, 128), seqlens=SEQLENS, tokens=16384, heads=32, dtype=torch.bfloat16,
-        causal_modes=(False, True), impls=IMPLS, progress=print):
+        causal_modes=(False, True), impls=IMPLS, progress=None):
     env = environment()
     fns = implementations()
+    progress = progress or Progress(len(head_dims) * len(causal_modes) * len(seqlens) * len(impls), "kernels")
     rows = []
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C keeps what was measured
         for d in head_dims:
@@ -85,7 +87,7 @@ def run(out_dir, *, head_dims=(64, 128), seqlens=SEQLENS, tokens=16384, heads=32
                                    tflops=None if ms is None else flops / ms / 1e9,
                                    max_abs_diff_tileattn_vs_sdpa_flash=check)
                         rows.append(row)
-                        progress(f"D={d} causal={causal} S={s} B={b} {name:>10}: "
+                        progress.step(f"D={d} causal={causal} S={s} B={b} {name:>10}: "
                                  + ("OOM" if ms is None else f"{row['tflops']:.0f} TFLOP/s, {peak:.0f} MiB"))
                     del q, k, v
     return write_results(out_dir, "kernels", env, rows, summarize(rows))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,3 +70,32 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+class Progress:
+    """A one-line progress bar on a terminal (a line per step otherwise, e.g. in CI logs).
+
+    ``step(message)`` advances by one and shows the message; ``note(message)`` prints a line above the bar.
+    """
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def step(self, message: str = "") -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            filled = int(30 * self.done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            end = "\n" if self.done >= self.total else ""
+            self.stream.write(f"\r\033[K{self.label} [{bar}] {self.done}/{self.total} {elapsed:4.0f}s {message}{end}")
+        else:
+            self.stream.write(f"{self.label} {self.done}/{self.total} ({elapsed:.0f}s) {message}\n")
+        self.stream.flush()
+
+    def note(self, message: str) -> None:
+        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+        self.stream.flush()

@@ -27,6 +27,7 @@ import torch
 from .. import api
 
 NAME = "tileattn"
+_backend = "auto"  # set by register(backend=...)
 
 
 def tileattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -44,7 +45,7 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
     # Sliding windows (kwargs["sliding_window"]) are not passed on: Transformers builds them into the mask
     # whenever they matter (kv_length >= window), in absolute positions, which stay right with static caches
     # whose unfilled slots would shift a bottom-right-aligned window.
-    options = dict(scale=scaling, softcap=kwargs.get("softcap"))
+    options = dict(scale=scaling, softcap=kwargs.get("softcap"), backend=_backend)
     q_len, kv_len = query.shape[2], key.shape[2]
 
     if attention_mask is not None:
@@ -60,8 +61,16 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> None:
-    """Make ``attn_implementation="tileattn"`` available to every Transformers model (idempotent)."""
+def register(backend: str = "auto") -> None:
+    """Make ``attn_implementation="tileattn"`` available to every Transformers model (idempotent).
+
+    ``backend`` is passed to every tileattn call: ``"auto"`` (the calibrated choice, which may be one of
+    SDPA's kernels for plain prefill calls) or ``"triton"`` to force tileattn's own kernels.
+    """
+    global _backend
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    _backend = backend
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -1,0 +1,73 @@
+"""PyTorch SDPA's fused kernels as tileattn backends, for the plain calls where their semantics are ours.
+
+SDPA's cuDNN, FlashAttention-2 and memory-efficient kernels (and its fused CPU kernel) are exact and
+never store the score matrix, so ``backend="auto"`` may pick them where they are measured to be faster
+(see ``dispatch`` and ``tileattn tune``). They are used only for calls whose meaning they share exactly:
+no mask (SDPA returns NaN for rows with no visible key; we return 0), no window, no softcap, no lse,
+causal only when ``Sq == Sk`` (SDPA's ``is_causal`` is top-left aligned, ours bottom-right), equal q and
+k/v head counts, head_dim a multiple of 8 and a unit-stride last dim (what the fused kernels read without
+a copy). The kernels are called through their ATen ops directly: ``F.scaled_dot_product_attention``
+inside ``sdpa_kernel(...)`` costs about 10 us of host time per call on the context manager alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNELS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient")  # on CPU only "sdpa_flash" (PyTorch's fused CPU kernel)
+_CAN_USE = {"sdpa_cudnn": "can_use_cudnn_attention", "sdpa_flash": "can_use_flash_attention",
+            "sdpa_efficient": "can_use_efficient_attention"}
+
+
+def unsupported_reason(q, k, v, *, causal, has_mask, windowed, softcap, return_lse) -> str | None:
+    """Why no SDPA kernel can compute this call with tileattn's semantics, or None when one may."""
+    if has_mask:
+        return "a mask (SDPA returns NaN where a row sees no key; tileattn returns 0)"
+    if windowed:
+        return "a window (SDPA has no local-attention option)"
+    if softcap is not None:
+        return "softcap (SDPA has no logit capping)"
+    if return_lse:
+        return "return_lse (SDPA's public function does not return the logsumexp)"
+    if causal and q.shape[2] != k.shape[2]:
+        return "causal with Sq != Sk (SDPA's is_causal is top-left aligned, tileattn's bottom-right)"
+    if q.shape[1] != k.shape[1]:
+        return "GQA (some SDPA kernels would repeat K/V in memory)"
+    if q.shape[-1] % 8:
+        return f"head_dim {q.shape[-1]} (the fused SDPA kernels need a multiple of 8)"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "a last dim with stride != 1 (SDPA would copy the inputs)"
+    return None
+
+
+def kernel_unsupported_reason(kernel: str, q, k, v, causal: bool) -> str | None:
+    """Why SDPA's ``kernel`` cannot run this (plain) call on this device, or None when it can."""
+    if q.device.type == "cpu":
+        if kernel != "sdpa_flash":
+            return f"{kernel} is a CUDA kernel"
+        # PyTorch's own choice for these inputs: 1 = its fused CPU kernel, 0 = the materializing math path.
+        if torch._fused_sdp_choice(q, k, v, None, 0.0, causal) != 1:
+            return "PyTorch's fused CPU kernel does not take these inputs"
+        return None
+    if q.device.type != "cuda":
+        return f"SDPA kernels are not wired for {q.device.type} tensors"
+    from torch.backends import cuda as sdp
+
+    try:
+        params = sdp.SDPAParams(q, k, v, None, 0.0, causal, False)
+        usable = getattr(sdp, _CAN_USE[kernel])(params, False)
+    except Exception as exc:  # an older/newer torch whose checker signature differs: do not use it
+        return f"torch cannot tell whether {kernel} applies ({type(exc).__name__}: {exc})"
+    return None if usable else f"torch reports {kernel} cannot run these inputs (dtype, head_dim or GPU)"
+
+
+def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch.Tensor:
+    """Run SDPA's ``kernel`` on a call :func:`unsupported_reason` accepted. Returns ``[B, H, S, D]`` (SDPA's layout)."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[0]
+    if kernel == "sdpa_cudnn":
+        return aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, causal, False, scale=scale)[0]
+    if kernel == "sdpa_flash":
+        return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
+    return aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, causal, scale=scale)[0]
