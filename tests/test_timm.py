@@ -39,3 +39,18 @@ def test_patched_vit_half_precision_gpu():
     with torch.no_grad():
         expected, got = model(x).float(), patched(x).float()
     assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
+
+
+def test_patch_sets_the_backend_and_can_repatch():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).to(DEVICE).eval()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        expected = model(x)
+    assert tileattn_timm.patch(model, backend="torch") == len(model.blocks)
+    assert {m.tileattn_backend for m in model.modules() if hasattr(m, "qkv")} == {"torch"}
+    assert tileattn_timm.patch(model) == len(model.blocks)  # patching again only changes the backend
+    assert {m.tileattn_backend for m in model.modules() if hasattr(m, "qkv")} == {"auto"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tileattn_timm.patch(model, backend="cuda")
