@@ -35,18 +35,19 @@ def main():
         k, v = (torch.randn(b, hkv, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
         seqlens = torch.full((b,), length, dtype=torch.int32, device="cuda")
-        order = torch.randperm(b * length // 16, device="cuda")
-        layouts = {"contiguous": (k, v, None),
-                   "paged16": (to_pages(k, 16, order), to_pages(v, 16, order), order.view(b, -1).to(torch.int32))}
-        order64 = torch.randperm(b * length // 64, device="cuda")
-        layouts["paged64"] = (to_pages(k, 64, order64), to_pages(v, 64, order64), order64.view(b, -1).to(torch.int32))
+        layouts = {"contiguous": (k, v, None)}
+        for page in (16, 64):
+            if f"paged{page}" in wanted_layouts:
+                order = torch.randperm(b * length // page, device="cuda")
+                layouts[f"paged{page}"] = (to_pages(k, page, order), to_pages(v, page, order),
+                                           order.view(b, -1).to(torch.int32))
         gbytes = 2 * k.numel() * 2 / 1e9
         for layout, (kc, vc, table) in layouts.items():
             if layout not in wanted_layouts:
                 continue
             timed = []
             for cfg in configs:
-                auto = choose_num_splits(b, hkv, 1, length, sms, cfg[0], table is not None)
+                auto = choose_num_splits(b, hkv, 1, length, sms, cfg[0], table is not None)  # for this tile
                 split_counts = ([int(x) for x in args.splits.split(",")] if args.splits
                                 else sorted({auto, max(1, auto // 2), min(64, auto * 2)}))
                 for splits in split_counts:

@@ -253,4 +253,17 @@ def test_split_policy_invariants(paged):
         splits = choose_num_splits(batch, kv_heads, 1, keys, 132, 128, paged)
         assert 1 <= splits <= MAX_SPLITS
         assert splits == 1 or keys // splits >= 4 * 128  # never fewer than 4 key blocks per split
-    assert choose_num_splits(512, 32, 1, 4096, 132, 128, paged) == 1  # the batch already fills the GPU
+    # A batch that fills the GPU: no split when contiguous; paged keeps two (block-table latency hiding).
+    assert choose_num_splits(512, 32, 1, 4096, 132, 128, paged) == (2 if paged else 1)
+    assert choose_num_splits(512, 32, 1, 256, 132, 128, paged) == 1  # too few keys to split
+
+
+def test_small_grids_get_the_half_tile():
+    from tileattn.kernels.decode import _DECODE_CONFIG, _SMALL_GRID_CONFIG, choose_config, choose_num_splits
+
+    assert choose_config(1, 8, 1, 132) == _SMALL_GRID_CONFIG
+    assert choose_config(1, 8, 1, 132, page_size=64) == _SMALL_GRID_CONFIG
+    assert choose_config(1, 8, 1, 132, page_size=16) == _DECODE_CONFIG
+    assert choose_config(64, 32, 1, 132) == _DECODE_CONFIG
+    # two half-tile programs fit an SM: about one program per SM in all
+    assert choose_num_splits(1, 8, 1, 16384, 132, _SMALL_GRID_CONFIG[0], paged=False) == 16

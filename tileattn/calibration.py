@@ -152,7 +152,7 @@ def _load(name: str) -> Table | None:
     if problem:
         fallback = "the defaults shipped for this device" if shipped.exists() else "the built-in rule"
         warnings.warn(f"tileattn: {problem}; using {fallback}. Run `tileattn tune` to measure this device.",
-                      CalibrationWarning, stacklevel=4)
+                      CalibrationWarning, stacklevel=7)  # the caller of tileattn.attention / explain
     if shipped.exists():
         return parse(json.loads(shipped.read_text()), f"shipped defaults ({shipped.name})")
     return None

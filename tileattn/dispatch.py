@@ -17,7 +17,8 @@ first for the call's dtype, causality, head_dim and key length; the first one th
 its features wins. Without a table the built-in rule applies: Triton on CUDA; on CPU PyTorch's fused
 kernel for plain calls (2-5x faster than the tiled path there), the tiled path otherwise.
 
-Decisions are cached by everything they depend on (device, dtype, shapes, feature flags), so the host
+Inside ``torch.compile`` ``auto`` follows the built-in rule without the table (Triton on CUDA, the tiled
+path on CPU): the calibration is host state. Decisions are cached by everything they depend on (device, dtype, shapes, feature flags), so the host
 cost of ``auto`` is one dict lookup after the first call of a shape. ``TILEATTN_LOG=1`` logs each new
 decision to stderr; :func:`tileattn.explain` returns it for a call.
 """
@@ -107,13 +108,15 @@ _decisions: dict = {}
 def decide(q, k, v, requested: str, *, causal: bool, has_mask: bool, windowed: bool, softcap, return_lse: bool
            ) -> Decision:
     """The backend for a validated ``attention`` call (``requested`` is one of :data:`BACKENDS`)."""
+    features = dict(causal=causal, has_mask=has_mask, windowed=windowed, softcap=softcap, return_lse=return_lse)
+    if torch.compiler.is_compiling():  # traced once per graph: no cache, no files (see _decide)
+        return _decide(q, k, v, requested, features)
     plain_strides = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     key = (requested, q.device, q.dtype, q.shape, k.shape, plain_strides, causal, has_mask, windowed,
            softcap is not None, return_lse)
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decide(q, k, v, requested, dict(causal=causal, has_mask=has_mask, windowed=windowed,
-                                                    softcap=softcap, return_lse=return_lse))
+        decision = _decide(q, k, v, requested, features)
         if len(_decisions) >= MAX_CACHED_DECISIONS:
             _decisions.clear()
         _decisions[key] = decision
@@ -147,7 +150,10 @@ def _decide(q, k, v, requested: str, features: dict) -> Decision:
         if reason:
             raise ValueError(f"backend={requested!r} cannot run this call: {reason}")
         return Decision(requested, "requested")
-    table = calibration.table_for(q.device) if q.device.type in ("cuda", "cpu") else None
+    # Inside torch.compile the built-in rule applies (on CUDA the Triton kernel, as a custom op Inductor keeps
+    # whole): the calibration is host state (files, warnings, SDPA's eligibility checks on real tensors).
+    calibrated = q.device.type in ("cuda", "cpu") and not torch.compiler.is_compiling()
+    table = calibration.table_for(q.device) if calibrated else None
     found = table.lookup(q.dtype, features["causal"], q.shape[-1], k.shape[2]) if table else None
     if requested == "sdpa":
         return _decide_sdpa(q, k, v, features, found)
@@ -179,7 +185,9 @@ def _decide_sdpa(q, k, v, features, found) -> Decision:
 
 
 def _built_in_rule(q, k, v, features, table, skipped) -> Decision:
-    if table is None:
+    if torch.compiler.is_compiling():
+        context = "inside torch.compile"
+    elif table is None:
         context = f"no calibration for {calibration.device_name(q.device)}"
     elif skipped:
         context = "no calibrated backend can run this call (" + "; ".join(skipped) + ")"
@@ -190,7 +198,7 @@ def _built_in_rule(q, k, v, features, table, skipped) -> Decision:
         if reason is None:
             return Decision("triton", f"{context}; built-in rule: the Triton kernel on CUDA")
         return Decision("torch", f"{context}; Triton cannot run it ({reason}): the tiled PyTorch path")
-    if q.device.type == "cpu" and _why_not("sdpa_flash", q, k, v, features) is None:
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and _why_not("sdpa_flash", q, k, v, features) is None:
         return Decision("sdpa_flash", f"{context}; built-in rule: PyTorch's fused CPU kernel for a plain call")
     return Decision("torch", f"{context}; built-in rule: the tiled PyTorch path")
 

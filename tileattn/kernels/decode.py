@@ -122,24 +122,40 @@ def _combine_kernel(
         tl.store(Lse + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
 
 
-# (block_n, num_warps, num_stages): from the decode sweep on an H100 (benchmarks/sweep_decode.py,
-# benchmarks/NOTES.md): the most robust tile over contiguous and paged caches with automatic splits.
+# (block_n, num_warps, num_stages): from the decode sweeps on an H100 (benchmarks/sweep_decode.py,
+# benchmarks/NOTES.md): the most robust tile over contiguous and paged caches with automatic splits, and
+# a half-size tile for grids that need splitting to fill the GPU: its ~96 KB of K/V stages let two
+# programs share an SM, so short split programs overlap each other's pipeline fill.
 _DECODE_CONFIG = (128, 4, 3)
+_SMALL_GRID_CONFIG = (64, 4, 3)
 _INTERPRETER_CONFIG = (32, 4, 1)
 MAX_SPLITS = 64
 
 
+def choose_config(batch: int, kv_heads: int, row_blocks: int, sm_count: int, page_size: int = 0):
+    """The tile: the half-size one when the grid has fewer programs than SMs before splitting, for contiguous
+    caches and pages that hold whole half tiles (``page_size`` 0 = contiguous). With 16-token pages the
+    half tile gathers keys one by one and measured slower than the full tile (NOTES.md, decode v5)."""
+    small_grid = batch * kv_heads * row_blocks < sm_count
+    whole_tiles = page_size % _SMALL_GRID_CONFIG[0] == 0
+    return _SMALL_GRID_CONFIG if small_grid and whole_tiles else _DECODE_CONFIG
+
+
 def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
                       block_n: int, paged: bool) -> int:
-    """Key splits per sequence, from the split sweep on an H100 (benchmarks/NOTES.md): a contiguous cache
-    streams best from few long programs (about one per two SMs, no split once there are that many
-    sequences x KV heads); a paged cache, whose tile addresses wait on a block-table load, wants about two
-    programs per SM to hide that latency. Rounded down, never up: one program fits an SM at these tile sizes,
-    so a grid just past the target runs a nearly empty extra wave. Never fewer than 4 key blocks per split."""
+    """Key splits per sequence, from the split sweeps on an H100 (benchmarks/NOTES.md): a contiguous cache
+    streams best from few long programs (about one per two SMs with the full tile, one per SM with the
+    half tile, of which two fit an SM; no split once there are that many sequences x KV heads); a paged
+    cache, whose tile addresses wait on a block-table load, wants about two programs per SM and at least
+    two splits to hide that latency. Rounded down, never up: a grid just past the target runs a nearly
+    empty extra wave. Never fewer than 4 key blocks per split."""
     programs = batch * kv_heads * row_blocks
-    target = 2 * sm_count if paged else max(1, sm_count // 2)
+    if paged:
+        target, least = 2 * sm_count, 2
+    else:
+        target, least = (sm_count if block_n <= _SMALL_GRID_CONFIG[0] else max(1, sm_count // 2)), 1
     most = max(1, max_keys // (4 * block_n))
-    return max(1, min(target // programs, most, MAX_SPLITS))
+    return max(1, min(max(target // programs, least), most, MAX_SPLITS))
 
 
 def decode_attention(
@@ -170,9 +186,12 @@ def decode_attention(
     block_m = min(64, max(16, triton.next_power_of_2(group * sq)))
     row_blocks = triton.cdiv(group * sq, block_m)
     interpreted = q.device.type == "cpu"
-    block_n, num_warps, num_stages = config or (_INTERPRETER_CONFIG if interpreted else _DECODE_CONFIG)
+    sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
+    if config is None:
+        config = _INTERPRETER_CONFIG if interpreted else choose_config(b, hkv, row_blocks, sm_count,
+                                                                         page_size if paged else 0)
+    block_n, num_warps, num_stages = config
     if num_splits <= 0:
-        sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
     num_splits = triton.cdiv(capacity, keys_per_split)  # no split left empty by the rounding
