@@ -128,3 +128,28 @@ def test_real_minilm_sentence_embeddings_match_eager():
     cosine = (embeddings[0] * embeddings[1]).sum(-1)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     assert (cosine >= 0.9999).all(), cosine.tolist()
+
+
+def test_padded_batch_reads_a_broadcast_padding_mask(monkeypatch):
+    """Padded batches of plain causal models hand the kernel the [B, Skv] padding mask as a broadcast view,
+    never an S x S mask, and still match eager (prefill and decode steps)."""
+    from tileattn import api
+
+    seen = []
+    original = api.attention
+
+    def spy(q, k, v, **kwargs):
+        mask = kwargs.get("mask")
+        seen.append(None if mask is None else tuple(mask.shape))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(api, "attention", spy)
+    config = DECODERS["llama"]()
+    ids, mask = padded_batch([9, 5, 7], config.vocab_size, "left")
+    models = {impl: build(config, impl) for impl in ("eager", "tileattn")}
+    with torch.no_grad():
+        out = {impl: m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+               for impl, m in models.items()}
+    assert torch.equal(out["tileattn"], out["eager"])
+    masks = [m for m in seen if m is not None]
+    assert masks and all(shape[1] == shape[2] == 1 for shape in masks)  # [B, 1, 1, Skv], prefill and decode

@@ -4,11 +4,12 @@
     tt.register()
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tileattn")
 
-:func:`register` adds the attention function to ``AttentionInterface`` and, under the same name, SDPA's
-mask function to ``AttentionMaskInterface``, so models hand us what they hand SDPA: ``None`` when the
-mask can be skipped (no padding; causality then comes from ``is_causal``), else a bool
-``[B, 1, Sq, Skv]`` mask (True = attend) that already holds causality, padding and sliding windows
-(so padded batches currently read a materialized mask; a per-sequence-length path is future work).
+:func:`register` adds the attention function to ``AttentionInterface`` and, under the same name,
+:func:`padding_mask` to ``AttentionMaskInterface``: ``None`` when the mask can be skipped (no padding;
+causality then comes from ``is_causal``); for a padded batch of a plain causal or bidirectional model the
+2-D padding mask itself, read by the kernel as a ``[B, 1, 1, Skv]`` broadcast view (no ``S x S`` mask is
+built); for other patterns (sliding windows, packed sequences, static caches) SDPA's bool
+``[B, 1, Sq, Skv]`` mask (True = attend), which holds causality, padding and windows.
 GQA K/V heads arrive unrepeated and stay so. Decode steps without a mask (one query token) go to the
 split-KV decode kernel on CUDA.
 
@@ -48,7 +49,12 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
     options = dict(scale=scaling, softcap=kwargs.get("softcap"), backend=_backend)
     q_len, kv_len = query.shape[2], key.shape[2]
 
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dim() == 2:  # padding_mask's [B, Skv]: True = a real token
+        # Read as a [B, 1, 1, Skv] broadcast view (stride 0 over heads and queries): no S x S mask exists.
+        # Queries are the last q_len positions of the cache, so causality is bottom-right aligned.
+        keys = attention_mask[:, None, None, :]
+        out = api.attention(query, key, value, mask=keys, causal=bool(is_causal) and q_len > 1, **options)
+    elif attention_mask is not None:
         out = api.attention(query, key, value, mask=attention_mask[..., :kv_len], **options)
     elif q_len == 1 and query.is_cuda:
         lengths = torch.full((query.shape[0],), kv_len, dtype=torch.int32, device=query.device)
@@ -59,6 +65,30 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         out = api.attention(query, key, value, causal=causal, **options)
     return out.transpose(1, 2).contiguous(), None
+
+
+def padding_mask(*args, **kwargs):
+    """The mask function registered for ``"tileattn"``: for a plain causal or bidirectional mask over a padded
+    batch whose 2-D mask covers exactly the keys (no cache offset, no static-cache slots), the 2-D bool mask
+    ``[B, Skv]`` itself, which the attention function reads as a broadcast view instead of an ``S x S`` mask;
+    for every other pattern (sliding windows, packed sequences, static caches, overlays) SDPA's mask."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    mask, kv_length = kwargs.get("attention_mask"), kwargs.get("kv_length")
+    plain = (not args and not torch.compiler.is_compiling() and kwargs.get("kv_offset", 0) == 0
+             and kwargs.get("mask_function") in (causal_mask_function, bidirectional_mask_function)
+             and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == kv_length)
+    if plain:  # the queries must be the last keys (a growing cache), as bottom-right causality assumes
+        q_offset, cache_position = kwargs.get("q_offset"), kwargs.get("cache_position")
+        if isinstance(q_offset, int) and isinstance(kwargs.get("q_length"), int):  # Transformers >= 5.2x
+            end = q_offset + kwargs["q_length"]
+        elif isinstance(cache_position, torch.Tensor) and cache_position.numel():  # earlier 5.x
+            end = int(cache_position[-1]) + 1
+        else:
+            end = None
+        if end == kv_length and not bool(mask.all()):
+            return mask.bool()
+    return sdpa_mask(*args, **kwargs)
 
 
 def register(backend: str = "auto") -> None:
@@ -72,7 +102,7 @@ def register(backend: str = "auto") -> None:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     _backend = backend
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, tileattn_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, padding_mask)
