@@ -9,7 +9,10 @@ timm = pytest.importorskip("timm")
 
 import tileattn.integrations.timm as tileattn_timm  # noqa: E402
 
-from conftest import DEVICE  # noqa: E402
+from conftest import DEVICE, HAS_CUDA  # noqa: E402
+
+# auto may pick SDPA's own kernel for these plain calls: also check tileattn's kernels on the same forward.
+BACKENDS = ["auto", "triton" if HAS_CUDA else "torch"]
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -17,11 +20,12 @@ from conftest import DEVICE  # noqa: E402
     ("deit_tiny_patch16_224", dict(img_size=64)),
     ("vit_small_patch16_224", dict(img_size=48, qk_norm=True)),
 ])
-def test_patched_vit_matches_unpatched(name, kwargs):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patched_vit_matches_unpatched(name, kwargs, backend):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).to(DEVICE).eval()
     patched = copy.deepcopy(model)
-    count = tileattn_timm.patch(patched)
+    count = tileattn_timm.patch(patched, backend=backend)
     assert count == len(model.blocks)
     assert patched.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"], device=DEVICE)
@@ -54,3 +58,20 @@ def test_patch_sets_the_backend_and_can_repatch():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="backend must be one of"):
         tileattn_timm.patch(model, backend="cuda")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("eva02_tiny_patch14_224", dict(img_size=56)),                 # rotary embeddings, SwiGLU, q/v biases
+    ("eva02_small_patch14_224", dict(img_size=42, qkv_fused=False)),  # separate q/k/v projections
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patched_eva_matches_unpatched(name, kwargs, backend):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).to(DEVICE).eval()
+    patched = copy.deepcopy(model)
+    assert tileattn_timm.patch(patched, backend=backend) == len(model.blocks)
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-4, atol=1e-4)
+    assert tileattn_timm.unpatch(patched) == len(model.blocks)
+    assert type(patched.blocks[0].attn) is type(model.blocks[0].attn)

@@ -31,9 +31,9 @@ def use(model, impl) -> None:
     if impl.startswith("tileattn"):
         tileattn_timm.patch(model, backend="triton" if impl == "tileattn-triton" else "auto")
         return
+    tileattn_timm.unpatch(model)
     for module in model.modules():
         if isinstance(module, Attention):
-            module.__class__ = Attention  # undo a patch
             module.fused_attn = impl == "sdpa"
 
 
