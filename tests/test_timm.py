@@ -34,11 +34,13 @@ def test_patched_vit_matches_unpatched(name, kwargs, backend):
 
 
 @pytest.mark.gpu
-def test_patched_vit_half_precision_gpu():
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "eva02_base_patch14_224"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_patched_vit_half_precision_gpu(name, backend):
     torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().eval().half()
+    model = timm.create_model(name, pretrained=False).cuda().eval().half()
     patched = copy.deepcopy(model)
-    tileattn_timm.patch(patched)
+    tileattn_timm.patch(patched, backend=backend)
     x = torch.randn(4, 3, 224, 224, device="cuda").half()
     with torch.no_grad():
         expected, got = model(x).float(), patched(x).float()
