@@ -15,7 +15,7 @@ nearest calibrated head_dim above it (else the largest).
 
 Where the table comes from, per device: the user's file (``tileattn tune`` writes it into
 ``$TILEATTN_CACHE_DIR``, else ``$XDG_CACHE_HOME/tileattn``, else ``~/.cache/tileattn``), else the
-defaults shipped in ``tileattn/calibrations/`` (our own measurements; H100 so far). A missing or corrupt
+defaults shipped in ``tileattn/calibrations/`` (our own measurements: H100 80GB HBM3, H200). A missing or corrupt
 user file on a device with shipped defaults falls back to them with a :class:`CalibrationWarning`, once
 per process; a device with neither uses dispatch's built-in rule.
 """
