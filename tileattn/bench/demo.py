@@ -8,13 +8,12 @@ measures that call's peak alone, and prints the max error between them.
 
 from __future__ import annotations
 
-import multiprocessing
 import resource
 import time
 
 import torch
 
-from .report import Progress, environment, markdown_table, write_results
+from .report import Progress, environment, in_fresh_process, markdown_table, write_results
 
 
 def _resident_kib() -> int:
@@ -22,8 +21,8 @@ def _resident_kib() -> int:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
 
 
-def _run_one(impl: str, shape, seed: int, causal: bool, conn):
-    """Child process: build inputs, run ``impl`` once, send back (output, seconds, peak extra MiB)."""
+def _run_one(impl: str, shape, seed: int, causal: bool):
+    """In a fresh process: build inputs, run ``impl`` once; returns (output, seconds, peak extra MiB)."""
     from tileattn import attention
 
     torch.manual_seed(seed)
@@ -33,18 +32,7 @@ def _run_one(impl: str, shape, seed: int, causal: bool, conn):
     out = attention(q, k, v, causal=causal, backend=impl)
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    conn.send((out.numpy(), seconds, max(0, peak_kib - before) / 1024))  # numpy: pickled by value
-    conn.close()
-
-
-def measure_in_child(impl, shape, seed, causal):
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_run_one, args=(impl, shape, seed, causal, child))
-    proc.start()
-    result = parent.recv()
-    proc.join()
-    return result
+    return out.numpy(), seconds, max(0, peak_kib - before) / 1024  # numpy: pickled by value
 
 
 def run(out_dir, *, seqlens=(1024, 4096), batch=1, heads=8, head_dim=64, causal=False, progress=None):
@@ -53,7 +41,7 @@ def run(out_dir, *, seqlens=(1024, 4096), batch=1, heads=8, head_dim=64, causal=
     rows = []
     for s in seqlens:
         shape = (batch, heads, s, head_dim)
-        results = {impl: measure_in_child(impl, shape, seed=s, causal=causal) for impl in ("naive", "torch")}
+        results = {impl: in_fresh_process(_run_one, impl, shape, s, causal) for impl in ("naive", "torch")}
         err = float(abs(results["torch"][0] - results["naive"][0]).max())
         for impl, (_, seconds, peak) in results.items():
             rows.append(dict(impl="naive" if impl == "naive" else "tileattn (tiled torch)", seqlen=s, batch=batch,

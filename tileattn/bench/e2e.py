@@ -19,13 +19,12 @@ runs in a fresh process, so that the resident-memory high-water mark measures th
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import resource
 import time
 
 import torch
 
-from .report import Progress, environment, markdown_table, write_results
+from .report import Progress, environment, in_fresh_process, markdown_table, write_results
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -172,27 +171,16 @@ def measure(model, spec, phase, device) -> dict:
                 tokens_per_s=generated / (times["decode_ms"] / 1e3), peak_extra_gib=peak.gib)
 
 
-def _measure_in_child(model_name, impl, phase, conn):
+def _measure_fresh_model(model_name, impl, phase):
     spec, device = MODELS[model_name], torch.device("cpu")
     model = build_model(spec, device)
     use(model, impl)
-    conn.send(measure(model, spec, phase, device))
-    conn.close()
+    return measure(model, spec, phase, device)
 
 
 def measure_fresh(model_name, impl, phase) -> dict:
-    """``measure`` in a fresh process (CPU: so ``ru_maxrss`` is this run's peak)."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_in_child, args=(model_name, impl, phase, child))
-    proc.start()
-    child.close()  # so that recv() sees end-of-file if the child dies
-    try:
-        return parent.recv()
-    except EOFError:
-        raise RuntimeError(f"the measuring process for {impl} {phase} died (exit code {proc.join() or proc.exitcode})")
-    finally:
-        proc.join()
+    """``measure`` on a freshly built model in a fresh process (CPU: so ``ru_maxrss`` is this run's peak)."""
+    return in_fresh_process(_measure_fresh_model, model_name, impl, phase)
 
 
 def run(out_dir, *, model_name=None, implementations=IMPLEMENTATIONS, agreement=None, progress=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import platform
 import sys
 import time
@@ -99,3 +100,25 @@ class Progress:
     def note(self, message: str) -> None:
         self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
         self.stream.flush()
+
+
+def _call_and_send(fn, args, conn):
+    conn.send(fn(*args))
+    conn.close()
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new (spawned) process, so that its resident-memory high-water mark (``ru_maxrss``)
+    measures that run alone. ``fn`` must be a module-level function and return something picklable."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_and_send, args=(fn, args, child))
+    proc.start()
+    child.close()  # so that recv() sees end-of-file if the child dies
+    try:
+        return parent.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"the measuring process for {fn.__name__}{args} died (exit code {proc.exitcode})") from None
+    finally:
+        proc.join()
