@@ -119,3 +119,19 @@ def test_info_reports_backends_and_calibration(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch:" in out and "backends:" in out and "calibration:" in out
+
+
+def test_e2e_without_transformers_is_a_message(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "e2e", "--out", str(tmp_path)]) == 2
+    assert "needs Transformers" in capsys.readouterr().out

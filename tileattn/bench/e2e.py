@@ -70,8 +70,16 @@ def check_fits(spec, device) -> None:
                             f"{free / 2**30:.0f} of {total / 2**30:.0f} GiB free. Try `--model llama-tiny`.")
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise RuntimeError(f"the e2e suite needs Transformers (pip install 'tileattn[bench]'): {exc}") from None
+    return transformers
+
+
 def build_model(spec, device, implementation="sdpa"):
-    import transformers
+    transformers = _transformers()
 
     from ..integrations import transformers as tileattn_hf
 
@@ -187,6 +195,7 @@ def run(out_dir, *, model_name=None, implementations=IMPLEMENTATIONS, agreement=
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_name = model_name or ("llama-7b" if device.type == "cuda" else "llama-tiny")
     spec = MODELS[model_name]
+    _transformers()  # before any measurement (on CPU the models are built in child processes)
     check_fits(spec, device)
     if device.type != "cuda":  # the Triton kernels need a GPU (the interpreter is a test tool)
         implementations = tuple(i for i in implementations if i != "tileattn-triton")
