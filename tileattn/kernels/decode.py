@@ -128,17 +128,19 @@ def _combine_kernel(
 # programs share an SM, so short split programs overlap each other's pipeline fill.
 _DECODE_CONFIG = (128, 4, 3)
 _SMALL_GRID_CONFIG = (64, 4, 3)
+_SMALL_GRID_SMALL_PAGES_CONFIG = (128, 4, 2)  # the paged sweep's best for 16-token pages at B = 1
 _INTERPRETER_CONFIG = (32, 4, 1)
 MAX_SPLITS = 64
 
 
 def choose_config(batch: int, kv_heads: int, row_blocks: int, sm_count: int, page_size: int = 0):
     """The tile: the half-size one when the grid has fewer programs than SMs before splitting, for contiguous
-    caches and pages that hold whole half tiles (``page_size`` 0 = contiguous). With 16-token pages the
-    half tile gathers keys one by one and measured slower than the full tile (NOTES.md, decode v5)."""
-    small_grid = batch * kv_heads * row_blocks < sm_count
-    whole_tiles = page_size % _SMALL_GRID_CONFIG[0] == 0
-    return _SMALL_GRID_CONFIG if small_grid and whole_tiles else _DECODE_CONFIG
+    caches and pages that hold whole half tiles (``page_size`` 0 = contiguous). With smaller pages the half
+    tile gathers keys one by one and measured slower than the full tile, best with two stages (NOTES.md,
+    decode v5 and v7)."""
+    if batch * kv_heads * row_blocks >= sm_count:
+        return _DECODE_CONFIG
+    return _SMALL_GRID_CONFIG if page_size % _SMALL_GRID_CONFIG[0] == 0 else _SMALL_GRID_SMALL_PAGES_CONFIG
 
 
 def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
