@@ -231,3 +231,24 @@ def test_segments_from_points():
     assert calibration.segments_from_points(points) == [
         {"up_to": 1024, "ranking": ["a", "b"]}, {"up_to": None, "ranking": ["b", "a"]}]
     assert calibration.segments_from_points(points[:1]) == [{"up_to": None, "ranking": ["a", "b"]}]
+
+
+def test_decode_shaped_calls():
+    """Few query rows per K/V head (Sq x Hq / Hkv <= DECODE_MAX_ROWS) go to the split-KV kernel."""
+    def shaped(hq, hkv, sq):
+        q, k, _ = random_qkv(1, hq, hkv, sq, 8, 16, dtype=torch.float32, device="cpu")
+        return dispatch.decode_shaped(q, k)
+
+    limit = dispatch.DECODE_MAX_ROWS
+    assert shaped(32, 32, 1) and shaped(32, 8, 1) and shaped(8, 1, limit // 8)
+    assert not shaped(8, 1, limit // 8 + 1) and not shaped(4, 4, limit + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_auto_sends_decode_shaped_calls_to_triton():
+    write(user_file(), table(["sdpa_cudnn", "triton"], ["sdpa_cudnn", "triton"], dtype="float16"))
+    q, k, v = random_qkv(2, 8, 8, 1, 512, 64, dtype=torch.float16, device="cuda")
+    decision = tileattn.explain(q, k, v)
+    assert decision.backend == "triton" and "decode-shaped" in decision.reason
+    assert_matches_oracle(tileattn.attention(q, k, v), q, k, v)

@@ -81,6 +81,30 @@ def test_num_splits_all_agree(page_size):
         torch.testing.assert_close(lse, results[0][1], rtol=1e-5, atol=1e-5, msg=f"num_splits={n}")
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_kernel_mask(kind, num_splits):
+    """The split kernel's mask (what ``tileattn.attention`` hands it for decode-shaped calls): a left-padding
+    mask read as a stride-0 view over heads and queries, or a per-head additive one; a fully masked sequence;
+    rows past the last query head of a tile (G * Sq = 12 of 16)."""
+    from tileattn.kernels.decode import decode_attention
+
+    b, hkv, group, sq, sk, d = 3, 2, 4, 3, 400, 64
+    q, k, v = random_qkv(b, hkv * group, hkv, sq, sk, d, dtype=torch.float16, device=DEVICE)
+    pad = torch.tensor([0, 137, sk], device=DEVICE)  # left padding per sequence; the last one sees nothing
+    keep = torch.arange(sk, device=DEVICE)[None, :] >= pad[:, None]
+    if kind == "bool":
+        mask = keep[:, None, None, :].expand(b, hkv * group, sq, sk)
+    else:
+        bias = torch.randn(1, hkv * group, sq, sk, device=DEVICE)
+        mask = torch.where(keep[:, None, None, :], bias, float("-inf")).expand(b, -1, -1, -1)
+    lengths = torch.full((b,), sk, dtype=torch.int32, device=DEVICE)
+    out, lse = decode_attention(q, k, v, lengths, new_tokens=0, window=(-1, 0), scale=d ** -0.5, mask=mask,
+                                return_lse=True, num_splits=num_splits)
+    assert_matches_oracle(out, q, k, v, lse=lse, causal=True, mask=mask)
+    assert (out[2] == 0).all() and (lse[2] == float("-inf")).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("page_size", [None, 16, 64])
 @pytest.mark.parametrize("sq", [1, 7])

@@ -68,7 +68,12 @@ def attention(
     if chosen == "triton":
         from . import ops
 
-        out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
+        if dispatch.decode_shaped(q, k):  # few query rows per K/V head: split the keys instead (flash-decoding)
+            lengths = torch.full((b,), sk, dtype=torch.int32, device=q.device)
+            out, lse = ops.run_decode(q, k, v, lengths, new_tokens=0, block_table=None, window=(left, right),
+                                      return_lse=bool(return_lse), num_splits=0, **options)
+        else:
+            out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
     elif chosen.startswith("sdpa"):  # a plain call (see tileattn.sdpa): no mask, window, softcap or lse
         out, lse = sdpa_attention(q, k, v, kernel=chosen, causal=causal, scale=scale), None
     else:

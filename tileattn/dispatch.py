@@ -51,6 +51,17 @@ class Decision:
         return f"backend {self.backend!r}: {self.reason}"
 
 
+# Calls with at most this many query rows per K/V head (Sq x Hq / Hkv) run on the split-KV decode kernel, which
+# packs those rows into one tile and splits the keys across programs to fill the GPU; the prefill kernel would
+# give each query head its own mostly empty 128-row tile. From the kernel crossover sweep (benchmarks/NOTES.md).
+DECODE_MAX_ROWS = 64
+
+
+def decode_shaped(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a Triton ``attention`` call runs on the split-KV decode kernel (see :data:`DECODE_MAX_ROWS`)."""
+    return q.shape[2] * (q.shape[1] // k.shape[1]) <= DECODE_MAX_ROWS
+
+
 _NOT_CHECKED = object()
 _triton_error = _NOT_CHECKED
 
@@ -150,6 +161,10 @@ def _decide(q, k, v, requested: str, features: dict) -> Decision:
         if reason:
             raise ValueError(f"backend={requested!r} cannot run this call: {reason}")
         return Decision(requested, "requested")
+    if requested == "auto" and q.device.type == "cuda" and decode_shaped(q, k) and triton_unsupported_reason(q) is None:
+        return Decision("triton", f"decode-shaped ({q.shape[2]} queries x {q.shape[1] // k.shape[1]} heads per K/V "
+                                  f"head <= {DECODE_MAX_ROWS} rows): the split-KV decode kernel (the calibration "
+                                  "ranks prefill kernels; the decode bench measures this one at SDPA's best or above)")
     # Inside torch.compile the built-in rule applies (on CUDA the Triton kernel, as a custom op Inductor keeps
     # whole): the calibration is host state (files, warnings, SDPA's eligibility checks on real tensors).
     calibrated = q.device.type in ("cuda", "cpu") and not torch.compiler.is_compiling()

@@ -51,16 +51,17 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
 
 @torch.library.custom_op("tileattn::decode", mutates_args=())
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-           block_table: torch.Tensor | None, new_tokens: int, scale: float, window_left: int, window_right: int,
-           softcap: float, return_lse: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+           block_table: torch.Tensor | None, mask: torch.Tensor | None, new_tokens: int, scale: float,
+           window_left: int, window_right: int, softcap: float, return_lse: bool,
+           num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
-                                window=(window_left, window_right), scale=scale, softcap=softcap or None,
+                                window=(window_left, window_right), scale=scale, softcap=softcap or None, mask=mask,
                                 return_lse=return_lse, num_splits=num_splits)
     return out, _lse_or_empty(lse, q)
 
 
 @decode.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, block_table, new_tokens, scale, window_left, window_right, softcap,
+def _(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, window_left, window_right, softcap,
       return_lse, num_splits):
     return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
 
@@ -85,9 +86,10 @@ def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 
 
 def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, scale, window, softcap, return_lse,
-               num_splits):
+               num_splits, mask=None):
     if torch.compiler.is_compiling():
-        return _result(*decode(q, k_cache, v_cache, cache_seqlens, block_table, new_tokens, scale, *window,
+        return _result(*decode(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, *window,
                                softcap or 0.0, return_lse, num_splits), return_lse)
     return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
-                            window=window, scale=scale, softcap=softcap, return_lse=return_lse, num_splits=num_splits)
+                            window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse,
+                            num_splits=num_splits)

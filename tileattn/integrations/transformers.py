@@ -10,8 +10,8 @@ causality then comes from ``is_causal``); for a padded batch of a plain causal o
 2-D padding mask itself, read by the kernel as a ``[B, 1, 1, Skv]`` broadcast view (no ``S x S`` mask is
 built); for other patterns (sliding windows, packed sequences, static caches) SDPA's bool
 ``[B, 1, Sq, Skv]`` mask (True = attend), which holds causality, padding and windows.
-GQA K/V heads arrive unrepeated and stay so. Decode steps without a mask (one query token) go to the
-split-KV decode kernel on CUDA.
+GQA K/V heads arrive unrepeated and stay so. Decode steps (one query token, padded or not) go to the
+split-KV decode kernel on CUDA, as every call with few query rows per K/V head does (``tileattn.attention``).
 
 Semantics follow ``transformers.integrations.sdpa_attention`` exactly, including its one top-left case:
 without a mask, a causal call with more keys than queries is the prefill of an empty static cache, whose
@@ -56,9 +56,6 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
         out = api.attention(query, key, value, mask=keys, causal=bool(is_causal) and q_len > 1, **options)
     elif attention_mask is not None:
         out = api.attention(query, key, value, mask=attention_mask[..., :kv_len], **options)
-    elif q_len == 1 and query.is_cuda:
-        lengths = torch.full((query.shape[0],), kv_len, dtype=torch.int32, device=query.device)
-        out = api.attention_with_kvcache(query, key, value, lengths, check_bounds=False, **options)
     else:
         causal = bool(is_causal) and q_len > 1
         if causal and kv_len > q_len:  # empty static cache: the keys past the queries are unfilled slots

@@ -9,6 +9,7 @@ Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``, on
 softmax scale and ``log2(e)`` are folded into a single multiply of the ``q @ k^T`` tile.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -24,6 +25,17 @@ MASK_ADDITIVE = tl.constexpr(2)
 NOT_PAGED = tl.constexpr(0)
 PAGED_PER_TILE = tl.constexpr(1)
 PAGED_PER_KEY = tl.constexpr(2)
+
+
+def mask_arguments(mask, placeholder):
+    """Host side: ``(MASK_KIND, tensor, 4 strides)`` for a kernel's optional ``[B, H, Sq, Sk]`` mask view.
+    Bool masks are read as bytes (Triton has no bool pointers); without a mask ``placeholder`` stands in."""
+    if mask is None:
+        return MASK_NONE.value, placeholder, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+        return MASK_BOOL.value, mask, mask.stride()
+    return MASK_ADDITIVE.value, mask, mask.stride()
 
 
 @triton.jit

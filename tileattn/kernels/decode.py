@@ -12,29 +12,33 @@ per (sequence, head) leaves most SMs idle when the batch is small. So:
 With ``num_splits == 1`` the split kernel writes the final output directly.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import (
     MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, finalize, key_block_ranges, load_tile,
+    mask_arguments,
 )
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Out, Lse, BlockTable, CacheSeqlens,
+    Q, K, V, Out, Lse, BlockTable, CacheSeqlens, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls,
     stride_bt,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     num_heads_kv, group_size, seqlen_q, new_tokens, keys_per_split, page_size,
     sm_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
@@ -59,6 +63,10 @@ def _decode_split_kernel(
         k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd
         v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
     block_table = BlockTable + off_b * stride_bt
+    mask_base = Mask
+    if MASK_KIND != MASK_NONE:  # rows past the last head (never stored) read head 0's mask, inside the tensor
+        mask_heads = tl.where(row_ok, heads, 0)
+        mask_base = Mask + off_b * stride_mb + mask_heads[:, None] * stride_mh + q_pos[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -75,10 +83,10 @@ def _decode_split_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, k_base, v_base, K, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
-        stride_kn, stride_vn, 0, stride_kb, stride_vb, page_size,
+        acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+        stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_NONE, HAS_SOFTCAP, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, PAGED, DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
     o_ptrs = (Out + off_b * stride_ob + heads[:, None] * stride_oh + q_pos[:, None] * stride_om
@@ -143,6 +151,22 @@ def choose_config(batch: int, kv_heads: int, row_blocks: int, sm_count: int, pag
     return _SMALL_GRID_CONFIG if page_size % _SMALL_GRID_CONFIG[0] == 0 else _SMALL_GRID_SMALL_PAGES_CONFIG
 
 
+def fit_shared_memory(config, block_m: int, block_d: int, elem_size: int, budget: int):
+    """Shrink ``config`` until its K/V pipeline stages and the Q tile fit ``budget`` bytes of shared memory: two
+    stages before one less, then half-size key tiles. The tuned tiles fit as they are up to D = 128 in 2-byte types
+    on Hopper; D = 256 and fp32 need this (Triton rejects the launch otherwise)."""
+    block_n, num_warps, num_stages = config
+
+    def needed():
+        return (2 * block_n * num_stages + block_m) * block_d * elem_size
+
+    while num_stages > 2 and needed() > budget:
+        num_stages -= 1
+    while block_n > 16 and needed() > budget:
+        block_n //= 2
+    return block_n, num_warps, num_stages
+
+
 def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
                       block_n: int, paged: bool) -> int:
     """Key splits per sequence, from the split sweeps on an H100 (benchmarks/NOTES.md): a contiguous cache
@@ -160,9 +184,15 @@ def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int,
     return max(1, min(max(target // programs, least), most, MAX_SPLITS))
 
 
+@functools.cache
+def _shared_memory_bytes(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
-    return_lse=False, num_splits=0, config=None,
+    mask=None, return_lse=False, num_splits=0, config=None,
 ):
     """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys.
 
@@ -173,6 +203,9 @@ def decode_attention(
             paged ``[num_pages, Hkv, page_size, D]``; any strides.
         cache_seqlens: int32 ``[B]``; new_tokens: tokens appended to the cache for this call (0 or Sq).
         window: ``(left, right)``, -1 unbounded, causal folded in as ``right = 0``.
+        mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, capacity]`` over
+            cache positions (``capacity`` = ``S_max``, or ``max_pages * page_size`` when paged); any strides,
+            so a padding mask ``[B, capacity]`` is passed as a stride-0 view over heads and queries.
         num_splits: key splits per sequence; 0 chooses from batch, heads, capacity and SM count.
         config: ``(block_n, num_warps, num_stages)`` instead of the default.
     Returns:
@@ -189,9 +222,11 @@ def decode_attention(
     row_blocks = triton.cdiv(group * sq, block_m)
     interpreted = q.device.type == "cpu"
     sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
-    if config is None:
-        config = _INTERPRETER_CONFIG if interpreted else choose_config(b, hkv, row_blocks, sm_count,
-                                                                         page_size if paged else 0)
+    if config is None and interpreted:
+        config = _INTERPRETER_CONFIG
+    elif config is None:
+        config = fit_shared_memory(choose_config(b, hkv, row_blocks, sm_count, page_size if paged else 0),
+                                   block_m, block_d, q.element_size(), _shared_memory_bytes(q.device))
     block_n, num_warps, num_stages = config
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
@@ -209,15 +244,17 @@ def decode_attention(
         paging = NOT_PAGED.value
     else:
         paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
+    mask_kind, mask_arg, mask_strides = mask_arguments(mask, placeholder=cache_seqlens)
     grid = (num_splits, b * hkv, row_blocks)
     _decode_split_kernel[grid](
-        q, k_cache, v_cache, part_out, part_lse, block_table if paged else cache_seqlens, cache_seqlens,
+        q, k_cache, v_cache, part_out, part_lse, block_table if paged else cache_seqlens, cache_seqlens, mask_arg,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *part_out.stride(), *part_lse.stride(),
-        block_table.stride(0) if paged else 0,
+        block_table.stride(0) if paged else 0, *mask_strides,
         hkv, group, sq, new_tokens, keys_per_split, page_size,
         float(scale), float(softcap or 1.0), max(window[0], 0), max(window[1], 0),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap is not None, PAGED=paging,
+        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
+        PAGED=paging,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

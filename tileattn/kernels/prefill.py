@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    MASK_ADDITIVE, MASK_BOOL, MASK_NONE, NOT_PAGED, attend_keys, finalize, key_block_ranges, load_tile,
-)
+from .common import MASK_NONE, NOT_PAGED, attend_keys, finalize, key_block_ranges, load_tile, mask_arguments
 
 
 @triton.jit
@@ -124,13 +122,7 @@ def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, sc
     hkv = k.shape[-2 if cu_seqlens else 1]
     block_d = max(16, triton.next_power_of_2(d))
     block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
-    if mask is None:
-        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
-    elif mask.dtype == torch.bool:
-        mask_kind, mask_arg = MASK_BOOL, mask.view(torch.uint8)
-        mask_strides = mask_arg.stride()
-    else:
-        mask_kind, mask_arg, mask_strides = MASK_ADDITIVE, mask, mask.stride()
+    mask_kind, mask_arg, mask_strides = mask_arguments(mask, placeholder=q)
     cu_q, cu_k = cu_seqlens or (q, q)
     left, right = window
     grid = (triton.cdiv(sq, block_m), batch * hq)
