@@ -34,11 +34,18 @@ SHAPES = [
 
 
 def make_mask(kind, b, hq, sq, sk, device):
-    """A mask with ~20% of pairs hidden and at least one fully masked row."""
+    """A mask with ~20% of pairs hidden and at least one fully masked row; or one shared by all query rows."""
     if kind is None:
         return None
     keep = torch.rand(b, 1, sq, sk, device=device) > 0.2
     keep[:, :, sq // 2] = False
+    if kind == "keys":  # a padding mask [B, 1, 1, Sk] (one row for all queries): left padding, batch 1 all padding
+        start = torch.randint(0, max(1, sk // 2), (b,), device=device)
+        start[1:2] = sk
+        return (torch.arange(sk, device=device) >= start[:, None])[:, None, None, :]
+    if kind == "key_bias":  # additive [1, 1, 1, Sk], some keys hidden
+        bias = torch.randn(1, 1, 1, sk, device=device)
+        return bias.masked_fill(torch.rand(1, 1, 1, sk, device=device) < 0.2, float("-inf"))
     if kind == "bool":
         return keep
     bias = torch.randn(1, hq, sq, sk, device=device) * 0.5  # additive, broadcast over batch
@@ -53,6 +60,8 @@ OPTIONS = {
     "softcap_scale": dict(softcap=3.0, scale=0.3),
     "bool_mask": dict(mask="bool"),
     "additive_mask_causal": dict(mask="additive", causal=True),
+    "padding_mask_causal": dict(mask="keys", causal=True),
+    "key_bias": dict(mask="key_bias"),
 }
 
 

@@ -71,16 +71,16 @@ def test_each_sdpa_kernel_matches_oracle(kernel, dtype):
 
 @pytest.mark.parametrize("options,reason", [
     (dict(mask=True), "mask"), (dict(window=(4, None)), "window"), (dict(softcap=2.0), "softcap"),
-    (dict(return_lse=True), "return_lse"), (dict(causal=True, sq=5), "Sq != Sk"), (dict(gqa=True), "GQA"),
+    (dict(return_lse=True), "return_lse"), (dict(causal=True, sq=70), "Sq != Sk"), (dict(gqa=True), "GQA"),
     (dict(head_dim=20), "multiple of 8"),
 ])
 def test_sdpa_refuses_what_it_cannot_do_exactly(options, reason):
     options = dict(options)
-    sq, d = options.pop("sq", 16), options.pop("head_dim", 64)
+    sq, d = options.pop("sq", 80), options.pop("head_dim", 64)
     hkv = 1 if options.pop("gqa", False) else 2
-    q, k, v = random_qkv(1, 2, hkv, sq, 16, d, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, hkv, sq, 80, d, dtype=torch.float32, device=DEVICE)  # not decode-shaped
     if options.pop("mask", False):
-        options["mask"] = torch.ones(16, 16, dtype=torch.bool, device=DEVICE)
+        options["mask"] = torch.ones(80, 80, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match=reason):
         tileattn.attention(q, k, v, backend="sdpa", **options)
     # auto never picks SDPA for such a call, whatever the table says
@@ -95,11 +95,11 @@ def test_sdpa_refuses_what_it_cannot_do_exactly(options, reason):
 # -- auto: the calibrated ranking, the built-in rule ---------------------------------------------------------
 
 def test_built_in_rule_without_calibration():
-    q, k, v = random_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 96, 96, 64, dtype=torch.float32, device=DEVICE)
     decision = tileattn.explain(q, k, v)
     assert "no calibration" in decision.reason
     assert decision.backend == ("triton" if HAS_CUDA else "sdpa_flash")
-    masked = tileattn.explain(q, k, v, mask=torch.ones(64, 64, dtype=torch.bool, device=DEVICE))
+    masked = tileattn.explain(q, k, v, mask=torch.ones(96, 96, dtype=torch.bool, device=DEVICE))
     assert masked.backend == ("triton" if HAS_CUDA else "torch")
 
 
@@ -136,7 +136,7 @@ def test_shipped_h100_table_is_used_on_h100(monkeypatch):
 
 
 def test_decisions_are_cached(monkeypatch):
-    q, k, v = random_qkv(1, 2, 2, 64, 64, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 96, 96, 64, dtype=torch.float32, device=DEVICE)
     first = tileattn.explain(q, k, v)
 
     def fail(*args):
@@ -144,14 +144,14 @@ def test_decisions_are_cached(monkeypatch):
 
     monkeypatch.setattr(dispatch, "_decide", fail)
     assert tileattn.explain(q, k, v) is first
-    other = random_qkv(1, 2, 2, 65, 64, 64, dtype=torch.float32, device=DEVICE)
+    other = random_qkv(1, 2, 2, 97, 96, 64, dtype=torch.float32, device=DEVICE)
     with pytest.raises(AssertionError, match="decided again"):
         tileattn.explain(*other)
 
 
 def test_log_decisions(monkeypatch, caplog):
     monkeypatch.setenv("TILEATTN_LOG", "1")
-    q, k, v = random_qkv(1, 2, 2, 48, 48, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 80, 80, 64, dtype=torch.float32, device=DEVICE)
     with caplog.at_level(logging.INFO, logger="tileattn"):
         tileattn.attention(q, k, v, causal=True)
         tileattn.attention(q, k, v, causal=True)  # cached: logged once
@@ -192,25 +192,25 @@ def test_varlen_and_kvcache_refuse_sdpa():
 def test_corrupt_file_falls_back_with_a_warning(content, message):
     write(user_file(), content)
     write(shipped_file(), table(["torch"], ["torch"]))  # shipped defaults say: always the tiled path
-    q, k, v = random_qkv(1, 2, 2, 32, 32, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 80, 80, 64, dtype=torch.float32, device=DEVICE)
     with pytest.warns(calibration.CalibrationWarning, match=message):
         decision = tileattn.explain(q, k, v)
     assert decision.backend == "torch" and "shipped defaults" in decision.reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per process, not per call
-        tileattn.explain(*random_qkv(1, 2, 2, 33, 33, 64, dtype=torch.float32, device=DEVICE))
+        tileattn.explain(*random_qkv(1, 2, 2, 81, 81, 64, dtype=torch.float32, device=DEVICE))
 
 
 def test_corrupt_file_without_shipped_defaults_uses_built_in_rule():
     write(user_file(), "[]")
-    q, k, v = random_qkv(1, 2, 2, 32, 32, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 80, 80, 64, dtype=torch.float32, device=DEVICE)
     with pytest.warns(calibration.CalibrationWarning, match="built-in rule"):
         assert "no calibration" in tileattn.explain(q, k, v).reason
 
 
 def test_missing_file_uses_shipped_defaults_with_a_warning():
     write(shipped_file(), table(["torch"], ["torch"]))
-    q, k, v = random_qkv(1, 2, 2, 32, 32, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 80, 80, 64, dtype=torch.float32, device=DEVICE)
     with pytest.warns(calibration.CalibrationWarning, match="no calibration file"):
         assert tileattn.explain(q, k, v).backend == "torch"
 
@@ -218,7 +218,7 @@ def test_missing_file_uses_shipped_defaults_with_a_warning():
 def test_user_file_wins_over_shipped():
     write(shipped_file(), table(["torch"], ["torch"]))
     write(user_file(), table(["sdpa_flash", "torch"], ["sdpa_flash", "torch"]))
-    q, k, v = random_qkv(1, 2, 2, 32, 32, 64, dtype=torch.float32, device=DEVICE)
+    q, k, v = random_qkv(1, 2, 2, 80, 80, 64, dtype=torch.float32, device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decision = tileattn.explain(q, k, v)

@@ -27,15 +27,19 @@ PAGED_PER_TILE = tl.constexpr(1)
 PAGED_PER_KEY = tl.constexpr(2)
 
 
-def mask_arguments(mask, placeholder):
-    """Host side: ``(MASK_KIND, tensor, 4 strides)`` for a kernel's optional ``[B, H, Sq, Sk]`` mask view.
-    Bool masks are read as bytes (Triton has no bool pointers); without a mask ``placeholder`` stands in."""
+def mask_arguments(mask, placeholder, row_dims):
+    """Host side: ``(MASK_KIND, MASK_PER_KEY, tensor, 4 strides)`` for a kernel's optional ``[B, H, Sq, Sk]``
+    mask view. ``MASK_PER_KEY``: the mask does not vary over ``row_dims`` (the dims a kernel's tile rows span,
+    e.g. a padding mask seen as ``[B, 1, 1, Sk]``), so the kernel loads one ``[BLOCK_N]`` row per key block
+    instead of a ``[BLOCK_M, BLOCK_N]`` gather. Bool masks are read as bytes (Triton has no bool pointers);
+    without a mask ``placeholder`` stands in."""
     if mask is None:
-        return MASK_NONE.value, placeholder, (0, 0, 0, 0)
+        return MASK_NONE.value, False, placeholder, (0, 0, 0, 0)
+    per_key = all(mask.stride(dim) == 0 or mask.shape[dim] == 1 for dim in row_dims)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-        return MASK_BOOL.value, mask, mask.stride()
-    return MASK_ADDITIVE.value, mask, mask.stride()
+        return MASK_BOOL.value, per_key, mask, mask.stride()
+    return MASK_ADDITIVE.value, per_key, mask, mask.stride()
 
 
 @triton.jit
@@ -149,7 +153,8 @@ def _attend_key_blocks(
     stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
@@ -158,7 +163,8 @@ def _attend_key_blocks(
     ``k_base`` (``[BLOCK_D, 1]``) and ``v_base`` (``[1, BLOCK_D]``) point at key 0 of this K/V head;
     key ``j`` lives ``j * stride`` further, or when paged in page ``block_table[j // page_size]`` at
     slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
-    others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0.
+    others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0: ``[M, 1]``
+    pointers, or one pointer with ``MASK_PER_KEY``.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
@@ -180,7 +186,10 @@ def _attend_key_blocks(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
         if MASK_KIND != MASK_NONE:
-            in_bounds = (q_pos < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
+            if MASK_PER_KEY:  # mask_base is one pointer: a [1, BLOCK_N] row serves every query row
+                in_bounds = (cols < seqlen_k)[None, :]
+            else:
+                in_bounds = (q_pos < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
             user_mask = tl.load(mask_base + cols[None, :] * stride_mn, mask=in_bounds, other=0)
             if MASK_KIND == MASK_ADDITIVE:
                 s = s + user_mask.to(tl.float32) * LOG2E
@@ -202,7 +211,8 @@ def attend_keys(
     stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
@@ -222,6 +232,6 @@ def attend_keys(
             acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, start_n, end_n, q_pos, offs_n, offs_d,
             stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
             seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-            HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, PAGED,
-            DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
+            PAGED, DOT_PRECISION)
     return acc, m_i, l_i

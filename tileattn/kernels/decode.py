@@ -37,8 +37,8 @@ def _decode_split_kernel(
     num_heads_kv, group_size, seqlen_q, new_tokens, keys_per_split, page_size,
     sm_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
@@ -64,9 +64,11 @@ def _decode_split_kernel(
         v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
     block_table = BlockTable + off_b * stride_bt
     mask_base = Mask
-    if MASK_KIND != MASK_NONE:  # rows past the last head (never stored) read head 0's mask, inside the tensor
-        mask_heads = tl.where(row_ok, heads, 0)
-        mask_base = Mask + off_b * stride_mb + mask_heads[:, None] * stride_mh + q_pos[:, None] * stride_mm
+    if MASK_KIND != MASK_NONE:
+        mask_base = Mask + off_b * stride_mb
+        if not MASK_PER_KEY:  # rows past the last head (never stored) read head 0's mask, inside the tensor
+            mask_heads = tl.where(row_ok, heads, 0)
+            mask_base = mask_base + mask_heads[:, None] * stride_mh + q_pos[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -86,7 +88,7 @@ def _decode_split_kernel(
         acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
     o_ptrs = (Out + off_b * stride_ob + heads[:, None] * stride_oh + q_pos[:, None] * stride_om
@@ -244,7 +246,8 @@ def decode_attention(
         paging = NOT_PAGED.value
     else:
         paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
-    mask_kind, mask_arg, mask_strides = mask_arguments(mask, placeholder=cache_seqlens)
+    mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(  # a tile's rows span query heads and tokens
+        mask, placeholder=cache_seqlens, row_dims=(1, 2))
     grid = (num_splits, b * hkv, row_blocks)
     _decode_split_kernel[grid](
         q, k_cache, v_cache, part_out, part_lse, block_table if paged else cache_seqlens, cache_seqlens, mask_arg,
@@ -253,8 +256,8 @@ def decode_attention(
         hkv, group, sq, new_tokens, keys_per_split, page_size,
         float(scale), float(softcap or 1.0), max(window[0], 0), max(window[1], 0),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
-        PAGED=paging,
+        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
+        HAS_SOFTCAP=softcap is not None, PAGED=paging,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

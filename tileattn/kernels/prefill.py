@@ -30,7 +30,7 @@ def _prefill_kernel(
     num_heads_q, group_size, seqlen_q, seqlen_k,
     sm_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -65,7 +65,9 @@ def _prefill_kernel(
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + k_start * stride_vn + offs_d[None, :] * stride_vd
     mask_base = Mask
     if MASK_KIND != MASK_NONE:
-        mask_base = Mask + off_b * stride_mb + off_h * stride_mh + rows[:, None] * stride_mm
+        mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+        if not MASK_PER_KEY:
+            mask_base = mask_base + rows[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -79,7 +81,8 @@ def _prefill_kernel(
         acc, m_i, l_i, q, k_base, v_base, mask_base, Mask, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, 0, 0, 1,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, NOT_PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, NOT_PAGED,
+        DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
     row_ok = rows < seqlen_q
@@ -122,7 +125,7 @@ def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, sc
     hkv = k.shape[-2 if cu_seqlens else 1]
     block_d = max(16, triton.next_power_of_2(d))
     block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
-    mask_kind, mask_arg, mask_strides = mask_arguments(mask, placeholder=q)
+    mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(mask, placeholder=q, row_dims=(2,))
     cu_q, cu_k = cu_seqlens or (q, q)
     left, right = window
     grid = (triton.cdiv(sq, block_m), batch * hq)
@@ -132,7 +135,7 @@ def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, sc
         hq, hq // hkv, sq, sk,
         float(scale), float(softcap or 1.0), max(left, 0), max(right, 0),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
         HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
