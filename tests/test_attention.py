@@ -195,6 +195,17 @@ def test_bad_options(kwargs, error, match):
         tileattn.attention(a["q"], a["k"], a["v"], **kwargs)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (full-size tiles and grids)")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(8, 32, 32, 64, 700, 128), (4, 32, 8, 8, 700, 256), (1, 16, 2, 1, 3000, 256)])
+@pytest.mark.parametrize("mask", [None, "keys", "bool"])
+def test_decode_shaped_full_size(dtype, shape, mask):
+    """Decode-shaped calls at sizes whose tiles must shrink to fit shared memory (64-row masked tiles, D = 256,
+    fp32), on grids larger and smaller than the GPU."""
+    run_case("triton", shape, dtype, dict(causal=True, mask=mask))
+
+
 def test_triton_backend_refuses_float64():
     q, k, v = random_qkv(1, 1, 1, 4, 4, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
