@@ -291,3 +291,17 @@ def test_small_grids_get_the_half_tile():
     assert choose_config(64, 32, 1, 132) == _DECODE_CONFIG
     # two half-tile programs fit an SM: about one program per SM in all
     assert choose_num_splits(1, 8, 1, 16384, 132, _SMALL_GRID_CONFIG[0], paged=False) == 16
+
+
+def test_fit_config():
+    from tileattn.kernels.decode import _DECODE_CONFIG, fit_config
+
+    h100 = 232448  # bytes of shared memory a block may use
+    assert fit_config(_DECODE_CONFIG, 16, 128, 2, False, h100) == _DECODE_CONFIG  # the tuned tile, untouched
+    assert fit_config(_DECODE_CONFIG, 64, 128, 2, False, h100) == _DECODE_CONFIG
+    assert fit_config(_DECODE_CONFIG, 16, 128, 2, True, h100) == _DECODE_CONFIG
+    assert fit_config(_DECODE_CONFIG, 64, 128, 2, True, h100) == (64, 4, 3)  # masked wide tiles spill
+    assert fit_config(_DECODE_CONFIG, 16, 256, 2, False, h100) == (64, 4, 3)
+    assert fit_config(_DECODE_CONFIG, 16, 256, 4, False, h100) == (32, 4, 3)
+    assert fit_config(_DECODE_CONFIG, 64, 128, 4, True, h100) == (32, 4, 3)
+    assert fit_config(_DECODE_CONFIG, 64, 256, 4, True, 100 * 1024) == (16, 4, 1)  # a small GPU: stages go last

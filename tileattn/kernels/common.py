@@ -186,11 +186,11 @@ def _attend_key_blocks(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
         if MASK_KIND != MASK_NONE:
-            if MASK_PER_KEY:  # mask_base is one pointer: a [1, BLOCK_N] row serves every query row
-                in_bounds = (cols < seqlen_k)[None, :]
+            if MASK_PER_KEY:  # mask_base is one pointer: one row of BLOCK_N values serves every query row
+                user_mask = tl.load(mask_base + cols * stride_mn, mask=cols < seqlen_k, other=0)[None, :]
             else:
                 in_bounds = (q_pos < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
-            user_mask = tl.load(mask_base + cols[None, :] * stride_mn, mask=in_bounds, other=0)
+                user_mask = tl.load(mask_base + cols[None, :] * stride_mn, mask=in_bounds, other=0)
             if MASK_KIND == MASK_ADDITIVE:
                 s = s + user_mask.to(tl.float32) * LOG2E
             else:

@@ -153,20 +153,23 @@ def choose_config(batch: int, kv_heads: int, row_blocks: int, sm_count: int, pag
     return _SMALL_GRID_CONFIG if page_size % _SMALL_GRID_CONFIG[0] == 0 else _SMALL_GRID_SMALL_PAGES_CONFIG
 
 
-def fit_shared_memory(config, block_m: int, block_d: int, elem_size: int, masked: bool, budget: int):
-    """Shrink ``config`` until its K/V pipeline stages, the Q tile and (with a mask) the fp32 score tile that
-    Triton stages through shared memory to apply a mask fit ``budget`` bytes: one stage less down to two, then
-    half-size key tiles. The tuned tiles fit as they are up to D = 128 in 2-byte types on Hopper; D = 256, fp32
-    and masked 64-row tiles need this (Triton rejects the launch otherwise)."""
+def fit_config(config, block_m: int, block_d: int, elem_size: int, masked: bool, budget: int):
+    """Adapt the tile to the call. Masked tiles of 32 rows or more take 64-key blocks: at 32 x 128 and beyond the
+    masked score tile spills registers (2-5x slower; NOTES.md, decode route). Then halve the key block, down to
+    16, until the K/V pipeline stages, the Q tile and (with a mask) the fp32 score tile Triton stages through
+    shared memory fit ``budget`` bytes, and only then drop stages. The tuned tiles fit as they are up to D = 128
+    in 2-byte types on Hopper; D = 256 and fp32 need this (Triton rejects the launch otherwise)."""
     block_n, num_warps, num_stages = config
+    if masked and block_m >= 32:
+        block_n = min(block_n, 64)
 
     def needed():
         return (2 * block_n * num_stages + block_m) * block_d * elem_size + (block_m * block_n * 4 if masked else 0)
 
-    while num_stages > 2 and needed() > budget:
-        num_stages -= 1
     while block_n > 16 and needed() > budget:
         block_n //= 2
+    while num_stages > 1 and needed() > budget:
+        num_stages -= 1
     return block_n, num_warps, num_stages
 
 
@@ -228,9 +231,8 @@ def decode_attention(
     if config is None and interpreted:
         config = _INTERPRETER_CONFIG
     elif config is None:
-        config = fit_shared_memory(choose_config(b, hkv, row_blocks, sm_count, page_size if paged else 0),
-                                   block_m, block_d, q.element_size(), mask is not None,
-                                   _shared_memory_bytes(q.device))
+        config = fit_config(choose_config(b, hkv, row_blocks, sm_count, page_size if paged else 0),
+                            block_m, block_d, q.element_size(), mask is not None, _shared_memory_bytes(q.device))
     block_n, num_warps, num_stages = config
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
