@@ -1,7 +1,7 @@
 """``tileattn bench e2e``: the article's table, measured. A LLaMA-shaped model (random weights) through
 Transformers with ``attn_implementation`` eager / sdpa / tileattn:
 
-- prefill latency and peak extra memory at B = 1 and each prompt length (512 and 2048 tokens);
+- prefill latency and peak extra memory at B = 1 and each prompt length (512, 2048 and, on a GPU, 4096 tokens);
 - "100 concurrent requests": 100 prompts of 512 tokens prefilled together, then greedy-decoded for a fixed
   number of tokens with the KV cache; time, generated tokens per second and peak extra memory;
 - on a GPU also greedy decoding of a left-padded batch compared token by token with sdpa (and
@@ -31,7 +31,7 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 LLAMA_TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=4000, max_position_embeddings=4096)
 MODELS = {
-    "llama-7b": dict(shape=LLAMA_7B, dtype=torch.bfloat16, prefill=(512, 2048), requests=100, prompt=512,
+    "llama-7b": dict(shape=LLAMA_7B, dtype=torch.bfloat16, prefill=(512, 2048, 4096), requests=100, prompt=512,
                      new_tokens=32, label="LLaMA-7B shape, bf16"),
     "llama-tiny": dict(shape=LLAMA_TINY, dtype=torch.float32, prefill=(512, 2048), requests=16, prompt=256,
                        new_tokens=8, label="CPU small configuration: a 2-layer LLaMA-shaped model "
@@ -239,12 +239,14 @@ def greedy_agreement(model, spec, device, batch=8, new_tokens=32) -> list[dict]:
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         mask[row, longest - n:] = 1
-    tokens, logits = {}, {}
+    tokens, logits, generate_ms = {}, {}, {}
     impls = ("sdpa", "eager", "tileattn", "tileattn-triton")
     for impl in impls:
         use(model, impl)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            generate_ms[impl] = timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                             do_sample=False, pad_token_id=0), device, 3)
         tokens[impl] = out[:, longest:]
     sequence = torch.cat([ids, tokens["sdpa"]], 1)
     full_mask = torch.cat([mask, torch.ones_like(tokens["sdpa"])], 1)
@@ -255,7 +257,7 @@ def greedy_agreement(model, spec, device, batch=8, new_tokens=32) -> list[dict]:
     rows = []
     for impl in impls[1:]:
         rows.append(dict(kind="generate", impl=f"{impl} vs sdpa", batch=batch, new_tokens=new_tokens,
-                         prompt_lengths=lengths,
+                         prompt_lengths=lengths, generate_ms=generate_ms[impl], sdpa_generate_ms=generate_ms["sdpa"],
                          free_running_same=(tokens[impl] == tokens["sdpa"]).float().mean().item(),
                          teacher_forced_argmax_same=(logits[impl].argmax(-1) == logits["sdpa"].argmax(-1))
                          .float().mean().item(),
@@ -294,7 +296,8 @@ def summarize(rows, spec, model_name) -> str:
         parts.append(f"Greedy decoding of {gen[0]['batch']} left-padded prompts (lengths {gen[0]['prompt_lengths']}), "
                      f"{gen[0]['new_tokens']} new tokens, against sdpa; eager's agreement is the rounding noise floor:\n\n"
                      + markdown_table(["vs sdpa", "free-running greedy tokens same", "teacher-forced argmax same",
-                                       "teacher-forced max |logit diff|"],
+                                       "teacher-forced max |logit diff|", "generate() ms", "sdpa generate() ms"],
                                       [[r["impl"], r["free_running_same"], r["teacher_forced_argmax_same"],
-                                        r["teacher_forced_max_abs_logit_diff"]] for r in gen]))
+                                        r["teacher_forced_max_abs_logit_diff"], r.get("generate_ms"),
+                                        r.get("sdpa_generate_ms")] for r in gen]))
     return "\n".join(parts)
