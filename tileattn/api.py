@@ -69,8 +69,7 @@ def attention(
         from . import ops
 
         if dispatch.decode_shaped(q, k):  # few query rows per K/V head: split the keys instead (flash-decoding)
-            lengths = torch.full((b,), sk, dtype=torch.int32, device=q.device)
-            out, lse = ops.run_decode(q, k, v, lengths, new_tokens=0, block_table=None, window=(left, right),
+            out, lse = ops.run_decode(q, k, v, None, new_tokens=sk, block_table=None, window=(left, right),
                                       return_lse=bool(return_lse), num_splits=0, **options)
         else:
             out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)

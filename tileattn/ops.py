@@ -50,7 +50,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
 
 
 @torch.library.custom_op("tileattn::decode", mutates_args=())
-def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
            block_table: torch.Tensor | None, mask: torch.Tensor | None, new_tokens: int, scale: float,
            window_left: int, window_right: int, softcap: float, return_lse: bool,
            num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import (
     MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, finalize, key_block_ranges, load_tile,
-    mask_arguments,
+    cdiv, mask_arguments, next_power_of_2,
 )
 
 
@@ -38,12 +38,14 @@ def _decode_split_kernel(
     sm_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
     off_hkv = (tl.program_id(1) % num_heads_kv).to(tl.int64)
-    seqlen_k = tl.load(CacheSeqlens + off_b) + new_tokens
+    seqlen_k = new_tokens  # without cache lengths (a plain attention call) every sequence has new_tokens keys
+    if HAS_SEQLENS:
+        seqlen_k += tl.load(CacheSeqlens + off_b)
 
     # Row r of this program is query token r % Sq of query head hkv * G + r // Sq.
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,7 +209,8 @@ def decode_attention(
         q: ``[B, Hq, Sq, D]``, any strides.
         k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]`` or, with ``block_table`` ``[B, max_pages]`` int32,
             paged ``[num_pages, Hkv, page_size, D]``; any strides.
-        cache_seqlens: int32 ``[B]``; new_tokens: tokens appended to the cache for this call (0 or Sq).
+        cache_seqlens: int32 ``[B]``; new_tokens: tokens appended to the cache for this call (0 or Sq). With
+            ``cache_seqlens`` None, every sequence has exactly ``new_tokens`` keys (a plain attention call).
         window: ``(left, right)``, -1 unbounded, causal folded in as ``right = 0``.
         mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, capacity]`` over
             cache positions (``capacity`` = ``S_max``, or ``max_pages * page_size`` when paged); any strides,
@@ -223,9 +226,9 @@ def decode_attention(
     paged = block_table is not None
     page_size = k_cache.shape[2] if paged else 1
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = min(64, max(16, triton.next_power_of_2(group * sq)))
-    row_blocks = triton.cdiv(group * sq, block_m)
+    block_d = max(16, next_power_of_2(d))
+    block_m = min(64, max(16, next_power_of_2(group * sq)))
+    row_blocks = cdiv(group * sq, block_m)
     interpreted = q.device.type == "cpu"
     sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
     if config is None and interpreted:
@@ -236,8 +239,8 @@ def decode_attention(
     block_n, num_warps, num_stages = config
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
-    keys_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(capacity, keys_per_split)  # no split left empty by the rounding
+    keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = cdiv(capacity, keys_per_split)  # no split left empty by the rounding
 
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
@@ -251,17 +254,18 @@ def decode_attention(
     else:
         paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
     mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(  # a tile's rows span query heads and tokens
-        mask, placeholder=cache_seqlens, row_dims=(1, 2))
+        mask, placeholder=q, row_dims=(1, 2))
     grid = (num_splits, b * hkv, row_blocks)
     _decode_split_kernel[grid](
-        q, k_cache, v_cache, part_out, part_lse, block_table if paged else cache_seqlens, cache_seqlens, mask_arg,
+        q, k_cache, v_cache, part_out, part_lse, block_table if paged else q,
+        q if cache_seqlens is None else cache_seqlens, mask_arg,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *part_out.stride(), *part_lse.stride(),
         block_table.stride(0) if paged else 0, *mask_strides,
         hkv, group, sq, new_tokens, keys_per_split, page_size,
         float(scale), float(softcap or 1.0), max(window[0], 0), max(window[1], 0),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
-        HAS_SOFTCAP=softcap is not None, PAGED=paging,
+        HAS_SOFTCAP=softcap is not None, PAGED=paging, HAS_SEQLENS=cache_seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -270,7 +274,7 @@ def decode_attention(
             part_out, part_lse, out, lse,
             *part_out.stride(), *part_lse.stride(), *out.stride(), *lse.stride(),
             hq, sq, num_splits,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)),
             RETURN_LSE=return_lse, num_warps=4,
         )
     return out, (lse if return_lse else None)

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MASK_NONE, NOT_PAGED, attend_keys, finalize, key_block_ranges, load_tile, mask_arguments
+from .common import (
+    MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, key_block_ranges, load_tile, mask_arguments, next_power_of_2,
+)
 
 
 @triton.jit
@@ -123,12 +125,12 @@ def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, sc
     (batch, head, token, dim) tuples (lse: batch, head, token); ``sq``/``sk`` size the grid."""
     hq, d = q.shape[-2 if cu_seqlens else 1], q.shape[-1]
     hkv = k.shape[-2 if cu_seqlens else 1]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
     mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(mask, placeholder=q, row_dims=(2,))
     cu_q, cu_k = cu_seqlens or (q, q)
     left, right = window
-    grid = (triton.cdiv(sq, block_m), batch * hq)
+    grid = (cdiv(sq, block_m), batch * hq)
     _prefill_kernel[grid](
         q, k, v, out, lse, mask_arg, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
