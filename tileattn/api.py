@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
+from typing import NamedTuple
 
 import torch
 
-from . import dispatch
-from . import reference
+from . import dispatch, reference
 from .cache import write_kv
 from .reference import UNBOUNDED, lse_dtype, naive_attention, tiled_attention, window_bounds
 from .sdpa import sdpa_attention
@@ -54,32 +55,86 @@ def attention(
         accumulated in fp32 (fp64 for fp64 inputs). NaN/Inf in q/k/v propagate as IEEE arithmetic does
         (a NaN in a key a row sees makes that row NaN); inputs are not scanned.
     """
-    scale, (left, right), softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
-    chosen = _decide(q, k, v, backend, causal, mask, (left, right), softcap, return_lse).backend
-
-    b, hq, sq, d = q.shape
-    sk = k.shape[2]
-    if b == 0 or sq == 0 or sk == 0:  # nothing to launch: empty result, or rows that see no key
+    call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend)
+    if call.empty:  # nothing to launch: empty result, or rows that see no key
         out = q.new_zeros(q.shape)
-        lse = torch.full((b, hq, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
+    if mask is not None:
+        mask = mask.expand(call.mask_shape)  # a view: broadcast dims get stride 0, nothing is copied
 
-    options = dict(scale=scale, mask=mask, softcap=softcap)
+    chosen, window, return_lse = call.backend, call.window, call.return_lse
+    options = dict(scale=call.scale, mask=mask, softcap=call.softcap)
     if chosen == "triton":
-        from . import ops
+        from . import ops  # here: Triton need not be importable for the other backends
 
-        if dispatch.decode_shaped(q, k):  # few query rows per K/V head: split the keys instead (flash-decoding)
-            out, lse = ops.run_decode(q, k, v, None, new_tokens=sk, block_table=None, window=(left, right),
-                                      return_lse=bool(return_lse), num_splits=0, **options)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            _warn_no_backward()
+        if call.decode_shaped:  # few query rows per K/V head: split the keys instead (flash-decoding)
+            out, lse = ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=window,
+                                      return_lse=return_lse, num_splits=0, **options)
         else:
-            out, lse = ops.run_prefill(q, k, v, window=(left, right), return_lse=bool(return_lse), **options)
+            out, lse = ops.run_prefill(q, k, v, window=window, return_lse=return_lse, **options)
     elif chosen.startswith("sdpa"):  # a plain call (see tileattn.sdpa): no mask, window, softcap or lse
-        out, lse = sdpa_attention(q, k, v, kernel=chosen, causal=causal, scale=scale), None
+        out, lse = sdpa_attention(q, k, v, kernel=chosen, causal=causal, scale=call.scale), None
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
-        result = impl(q, k, v, window=(left, right), return_lse=return_lse, **options)
+        result = impl(q, k, v, window=window, return_lse=return_lse, **options)
         out, lse = result if return_lse else (result, None)
     return (out, lse) if return_lse else out
+
+
+class _Call(NamedTuple):
+    """A validated ``attention`` call, normalized, with its backend: what depends only on the call's signature."""
+
+    scale: float
+    window: tuple[int, int]
+    softcap: float | None
+    return_lse: bool
+    mask_shape: tuple[int, int, int, int]
+    backend: str
+    decode_shaped: bool
+    empty: bool
+
+
+# Validated calls by signature: everything the checks and the backend choice depend on (types, shapes, dtypes,
+# devices, unit last strides, options). A repeated signature skips the checks it already passed, which cost as
+# much host time as a kernel launch; any other call (tensor subclasses, options of other types, inside
+# torch.compile) is checked in full. Cleared with the dispatch decisions (dispatch.reset()).
+_prepared: dict = {}
+_OPTION_TYPES = (type(None), int, float)
+_WINDOW_TYPES = (type(None), int)
+
+
+def _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend):
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and type(causal) is bool and type(scale) in _OPTION_TYPES and type(softcap) in _OPTION_TYPES
+            and (window is None or (type(window) is tuple and len(window) == 2 and type(window[0]) in _WINDOW_TYPES
+                                    and type(window[1]) in _WINDOW_TYPES))
+            and (mask is None or type(mask) is torch.Tensor)) or torch.compiler.is_compiling():
+        return None
+    return (backend, causal, scale, window, softcap, bool(return_lse), q.shape, k.shape, v.shape, q.dtype, k.dtype,
+            v.dtype, q.device, k.device, v.device, q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
+            None if mask is None else (mask.shape, mask.dtype, mask.device))
+
+
+def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend) -> _Call:
+    key = _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend)
+    call = _prepared.get(key) if key is not None else None
+    if call is None:
+        scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
+        chosen = _decide(q, k, v, backend, causal, mask, window, softcap, return_lse).backend
+        b, hq, sq, _ = q.shape
+        call = _Call(scale, window, softcap, bool(return_lse), (b, hq, sq, k.shape[2]), chosen,
+                     dispatch.decode_shaped(q, k), b == 0 or sq == 0 or k.shape[2] == 0)
+        if key is not None:
+            if len(_prepared) >= dispatch.MAX_CACHED_DECISIONS:
+                _prepared.clear()
+            _prepared[key] = call
+    return call
+
+
+dispatch.on_reset(_prepared.clear)
 
 
 def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
@@ -137,6 +192,8 @@ def attention_varlen(
     elif chosen == "triton":
         from . import ops
 
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            _warn_no_backward()
         out, lse = ops.run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           window=(left, right), return_lse=bool(return_lse), **options)
     else:
@@ -172,9 +229,76 @@ def attention_with_kvcache(
     Returns:
         ``out [B, Hq, Sq, D]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
     """
+    call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
+                            softcap, return_lse, num_splits, backend)
+    if check_bounds and _may_read_device_values():
+        _check_cache_bounds(k_cache, cache_seqlens, call.new_tokens, block_table)
+    if call.backend == "triton":
+        from . import ops
+
+        if torch.is_grad_enabled() and q.requires_grad:
+            _warn_no_backward()
+        if k_new is not None:
+            ops.run_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
+                                  block_table=block_table, return_lse=call.return_lse, num_splits=num_splits,
+                                  scale=call.scale, softcap=call.softcap, window=call.window)
+    else:
+        if k_new is not None:
+            write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        impl = tiled_attention if call.backend == "torch" else naive_attention
+        out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
+                                               block_table=block_table, return_lse=True, impl=impl, scale=call.scale,
+                                               softcap=call.softcap, window=call.window)
+    return (out, lse) if return_lse else out
+
+
+class _KVCacheCall(NamedTuple):
+    """A validated ``attention_with_kvcache`` call, normalized, with its backend."""
+
+    scale: float
+    window: tuple[int, int]
+    softcap: float | None
+    return_lse: bool
+    new_tokens: int
+    backend: str
+
+
+def _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window, softcap,
+                       return_lse, num_splits, backend):
+    tensors = (q, k_cache, v_cache, cache_seqlens)
+    optional = (k_new, v_new, block_table)
+    if not (all(type(t) is torch.Tensor for t in tensors) and all(t is None or type(t) is torch.Tensor for t in optional)
+            and type(causal) is bool and type(scale) in _OPTION_TYPES and type(softcap) in _OPTION_TYPES
+            and type(num_splits) is int
+            and (window is None or (type(window) is tuple and len(window) == 2 and type(window[0]) in _WINDOW_TYPES
+                                    and type(window[1]) in _WINDOW_TYPES))) or torch.compiler.is_compiling():
+        return None
+    return (backend, causal, scale, window, softcap, bool(return_lse), num_splits,
+            *[(t.shape, t.dtype, t.device) for t in tensors],
+            *[None if t is None else (t.shape, t.dtype, t.device) for t in optional])
+
+
+def _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window, softcap,
+                     return_lse, num_splits, backend) -> _KVCacheCall:
+    key = _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
+                             softcap, return_lse, num_splits, backend)
+    call = _prepared.get(key) if key is not None else None
+    if call is None:
+        call = _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
+                                   window, softcap, return_lse, num_splits, backend)
+        if key is not None:
+            if len(_prepared) >= dispatch.MAX_CACHED_DECISIONS:
+                _prepared.clear()
+            _prepared[key] = call
+    return call
+
+
+def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
+                        softcap, return_lse, num_splits, backend) -> _KVCacheCall:
     _check_tensors(q, k_cache, v_cache, same_batch=block_table is None)
     scale = _check_scale(q.shape[-1], scale)
-    left, right = _check_window(window, causal)
+    window = _check_window(window, causal)
     softcap = _check_softcap(softcap)
     b, _, sq, _ = q.shape
     if sq < 1:
@@ -198,24 +322,7 @@ def attention_with_kvcache(
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
-    new_tokens = sq if k_new is not None else 0
-    if check_bounds and _may_read_device_values():
-        _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table)
-    chosen = _backend(q, backend)
-
-    if k_new is not None:
-        write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    options = dict(scale=scale, softcap=softcap, window=(left, right))
-    if chosen == "triton":
-        from . import ops
-
-        out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
-                                  return_lse=bool(return_lse), num_splits=num_splits, **options)
-    else:
-        impl = tiled_attention if chosen == "torch" else naive_attention
-        out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens,
-                                               block_table=block_table, return_lse=True, impl=impl, **options)
-    return (out, lse) if return_lse else out
+    return _KVCacheCall(scale, window, softcap, bool(return_lse), sq if k_new is not None else 0, _backend(q, backend))
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -260,6 +367,12 @@ def _backend(q, backend):
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     return dispatch.choose_backend(q, backend)
+
+
+def _warn_no_backward() -> None:
+    warnings.warn("tileattn's Triton kernels have no backward yet: the result of this call does not require grad, "
+                  "so no gradient reaches q, k or v (run inference under torch.no_grad() to silence this; for "
+                  "training use backend='torch', which differentiates through PyTorch)", stacklevel=3)
 
 
 def _may_read_device_values() -> bool:

@@ -47,6 +47,8 @@ class PagedKVCache:
         seq = cache.add_sequence()
         cache.append(seq, k_prompt, v_prompt)      # [Hkv, n, D]
         # Decode step: make room, let the kernel write the new token while attending, then count it.
+        out = cache.attention([seq], q, k_new=k, v_new=v)   # q [1, Hq, 1, D], k/v [1, Hkv, 1, D]
+        # The same by hand (kernel_args gives the cache arguments of attention_with_kvcache):
         cache.reserve(seq, 1)
         out = tileattn.attention_with_kvcache(q, **cache.kernel_args([seq]), k_new=k, v_new=v)
         cache.advance(seq, 1)
@@ -119,11 +121,16 @@ class PagedKVCache:
     def append(self, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k``/``v`` ``[Hkv, n, D]`` to sequence ``seq`` (pages are allocated as needed)."""
         self._check_seq(seq)
-        expected = (self.kv_heads, k.shape[1] if k.dim() == 3 else -1, self.head_dim)
         for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape) != expected or t.shape != k.shape:
-                raise ValueError(f"{name} must be [kv_heads={self.kv_heads}, n, head_dim={self.head_dim}] "
-                                 f"like k, got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor [kv_heads, n, head_dim], got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[0] != self.kv_heads or t.shape[2] != self.head_dim:
+                raise ValueError(f"{name} must be [kv_heads={self.kv_heads}, n, head_dim={self.head_dim}] (heads "
+                                 f"first: a [n, heads, head_dim] tensor is passed as .transpose(0, 1)), got "
+                                 f"{tuple(t.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        for name, t in (("k", k), ("v", v)):
             if t.dtype != self.dtype or t.device != self.device:
                 raise TypeError(f"{name} must be {self.dtype} on {self.device}, got {t.dtype} on {t.device}")
         self.reserve(seq, k.shape[1])
@@ -137,9 +144,48 @@ class PagedKVCache:
         order, as keyword arguments of ``attention_with_kvcache``."""
         for seq in seqs:
             self._check_seq(seq)
-        index = torch.as_tensor(list(seqs), dtype=torch.long, device=self.device)
+        rows = self._rows(seqs)
         return dict(k_cache=self.k_pool.transpose(1, 2), v_cache=self.v_pool.transpose(1, 2),
-                    cache_seqlens=self.seqlens[index], block_table=self.block_table[index])
+                    cache_seqlens=self.seqlens[rows], block_table=self.block_table[rows])
+
+    def attention(self, seqs, q, k_new=None, v_new=None, **options):
+        """One step of the serving loop for the sequences ``seqs``: make room for ``q``'s ``Sq`` tokens when
+        ``k_new``/``v_new`` ``[len(seqs), Hkv, Sq, D]`` are given, write them and attend (``q [len(seqs), Hq, Sq,
+        D]``, causal by default), then count them. Returns what :func:`tileattn.attention_with_kvcache` returns
+        (``options`` are its keyword options). The cache's own bookkeeping guarantees what that function's
+        ``check_bounds`` would read back from the device, so this skips that device sync."""
+        from .api import attention_with_kvcache
+
+        seqs = list(seqs)
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"seqs must not repeat a sequence, got {seqs}")
+        new = 0 if k_new is None else k_new.shape[2]
+        for seq in seqs:  # all or nothing: check every sequence before reserving pages for any
+            self._check_seq(seq)
+            if new and -(-(self._lengths[seq] + new) // self.page_size) > self.block_table.shape[1]:
+                raise ValueError(f"sequence {seq} would exceed max_pages_per_seq={self.block_table.shape[1]}")
+        if new and sum(max(0, -(-(self._lengths[s] + new) // self.page_size) - len(self._pages[s])) for s in seqs) \
+                > len(self._free_pages):
+            raise RuntimeError(f"out of pages: {len(seqs)} sequences need more than the {len(self._free_pages)} free")
+        for seq in seqs:
+            self.reserve(seq, new)
+        rows = self._rows(seqs)
+        result = attention_with_kvcache(q, self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2),
+                                        self.seqlens[rows], block_table=self.block_table[rows], k_new=k_new,
+                                        v_new=v_new, check_bounds=False, **options)
+        if new:
+            for seq in seqs:
+                self._lengths[seq] += new
+            self.seqlens[rows] += new  # one device op for the batch, not one per sequence
+        return result
+
+    def _rows(self, seqs):
+        """Index of ``seqs`` into the per-slot tensors: a slice (views, no device work) when they are
+        consecutive slots in order, else a device index tensor."""
+        seqs = list(seqs)
+        if seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs))):
+            return slice(seqs[0], seqs[0] + len(seqs))
+        return torch.as_tensor(seqs, dtype=torch.long, device=self.device)
 
     def _check_seq(self, seq):
         if seq not in self._lengths:

@@ -136,10 +136,20 @@ def decide(q, k, v, requested: str, *, causal: bool, has_mask: bool, windowed: b
     return decision
 
 
+_reset_hooks: list = []
+
+
+def on_reset(hook) -> None:
+    """Call ``hook()`` on :func:`reset` (for caches of decisions kept above this module, e.g. in ``api``)."""
+    _reset_hooks.append(hook)
+
+
 def reset() -> None:
     """Forget cached decisions and calibration tables (after ``tileattn tune``, and in tests)."""
     _decisions.clear()
     calibration.reset()
+    for hook in _reset_hooks:
+        hook()
 
 
 def _why_not(backend: str, q, k, v, features: dict) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .cache import write_kv
+from .kernels.append import append_kv
 from .kernels.decode import decode_attention
 from .kernels.prefill import prefill_attention, prefill_attention_varlen
 
@@ -93,3 +95,12 @@ def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, s
     return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                             window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse,
                             num_splits=num_splits)
+
+
+def run_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    """Write new tokens into the cache: the Triton writer in eager mode (one launch), PyTorch indexing while
+    compiling (Inductor sees an in-place index_put it can fuse and capture)."""
+    if torch.compiler.is_compiling():
+        write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    else:
+        append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

@@ -66,7 +66,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
                             num_splits=0, return_softmax_lse=False):
     """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``, ``[num_blocks, block_size, Hkv, D]``;
-    ``k``/``v`` ``[B, Sq, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending."""
+    ``k``/``v`` ``[B, Sq, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending.
+
+    As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted: they are not read back to the host (a
+    device sync per call); a length past the cache's capacity is clamped to it, never read or written beyond.
+    ``tileattn.attention_with_kvcache`` checks them by default."""
     for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                         ("cache_leftpad", cache_leftpad)):
         if value is not None:
@@ -77,9 +81,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     options = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
-    out, lse = api.attention_with_kvcache(
+    result = api.attention_with_kvcache(
         q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
         k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),
-        block_table=block_table, num_splits=num_splits, return_lse=True, **options)
-    out = out.transpose(1, 2)
-    return (out, lse) if return_softmax_lse else out
+        block_table=block_table, num_splits=num_splits, return_lse=return_softmax_lse, check_bounds=False, **options)
+    if return_softmax_lse:
+        return result[0].transpose(1, 2), result[1]
+    return result.transpose(1, 2)

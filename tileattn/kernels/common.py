@@ -37,6 +37,16 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def needs_int64_index(*tensors) -> bool:
+    """Whether an element offset inside one of these views may reach 2^31, so that the kernels must compute token
+    offsets (index x stride) in 64 bits (``INT64_INDEX``). A view's offsets from its data pointer stay below its
+    storage's size, so that is the test: one attribute read, where the exact extent costs a loop over the dims."""
+    for t in tensors:
+        if t.untyped_storage().nbytes() >= t.element_size() << 31:
+            return True
+    return False
+
+
 def mask_arguments(mask, placeholder, row_dims):
     """Host side: ``(MASK_KIND, MASK_PER_KEY, tensor, 4 strides)`` for a kernel's optional ``[B, H, Sq, Sk]``
     mask view. ``MASK_PER_KEY``: the mask does not vary over ``row_dims`` (the dims a kernel's tile rows span,
@@ -164,8 +174,7 @@ def _attend_key_blocks(
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
 
@@ -174,10 +183,12 @@ def _attend_key_blocks(
     key ``j`` lives ``j * stride`` further, or when paged in page ``block_table[j // page_size]`` at
     slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
     others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0: ``[M, 1]``
-    pointers, or one pointer with ``MASK_PER_KEY``.
+    pointers, or one pointer with ``MASK_PER_KEY``. ``INT64_INDEX``: key index x stride may pass 2^31.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
+        if INT64_INDEX:
+            cols = cols.to(tl.int64)
         if PAGED == PAGED_PER_TILE:  # the tile lies in one page: one page id, contiguous rows
             page = tl.load(block_table + start // page_size).to(tl.int64)
             slot = start % page_size + offs_n
@@ -222,8 +233,7 @@ def attend_keys(
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
     the blocks every row sees (no elementwise masking), then the causal diagonal / window right
@@ -243,5 +253,5 @@ def attend_keys(
             stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
             seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
             HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-            PAGED, DOT_PRECISION)
+            PAGED, INT64_INDEX, DOT_PRECISION)
     return acc, m_i, l_i

@@ -6,10 +6,12 @@ per (sequence, head) leaves most SMs idle when the batch is small. So:
 * one program serves all ``G = Hq / Hkv`` query heads that read a KV head (times the ``Sq`` query
   tokens): its ``G * Sq`` rows share every K/V tile, and each K/V byte is read from memory once;
 * each sequence's keys are cut into ``num_splits`` contiguous ranges, one program each, so even
-  one sequence fills the GPU. Each split writes a normalized partial output and its LSE, and
-  ``_combine_kernel`` merges them: ``out = sum_s exp(lse_s - lse) * out_s``, ``lse = logsumexp_s lse_s``.
+  one sequence fills the GPU. Each split writes a normalized partial output and its LSE to a reusable
+  workspace, and the last split of each tile to finish merges them in the same launch:
+  ``out = sum_s exp(lse_s - lse) * out_s``, ``lse = logsumexp_s lse_s``.
 
-With ``num_splits == 1`` the split kernel writes the final output directly.
+With ``num_splits == 1`` the kernel writes the final output directly. Either way a call is one launch
+(host time is as much of a decode step's cost as GPU time at small batch).
 """
 
 import functools
@@ -19,37 +21,44 @@ import triton
 import triton.language as tl
 
 from .common import (
-    MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, finalize, key_block_ranges, load_tile,
-    cdiv, mask_arguments, next_power_of_2,
+    MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, key_block_ranges, load_tile,
+    mask_arguments, needs_int64_index, next_power_of_2,
 )
+from .launch import Launcher
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, Out, Lse, BlockTable, CacheSeqlens, Mask,
+def _decode_kernel(
+    Q, K, V, Out, Lse, PartOut, PartLse, SplitsDone, BlockTable, CacheSeqlens, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_os, stride_od,
-    stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
     stride_bt,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    num_heads_kv, group_size, seqlen_q, new_tokens, keys_per_split, page_size,
-    sm_scale, softcap, window_left, window_right,
+    num_heads_kv, group_size, seqlen_q, new_tokens, capacity, num_splits, keys_per_split, page_size,
+    window_left, window_right,
+    sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, SPLIT: tl.constexpr,
+    RETURN_LSE: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Parameters are ordered tensors, ints, floats, constexprs, as kernels.launch.Launcher expects.
     split = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
     off_hkv = (tl.program_id(1) % num_heads_kv).to(tl.int64)
     seqlen_k = new_tokens  # without cache lengths (a plain attention call) every sequence has new_tokens keys
-    if HAS_SEQLENS:
-        seqlen_k += tl.load(CacheSeqlens + off_b)
+    if HAS_SEQLENS:  # clamped to the cache: lengths the caller did not check never make us read outside it
+        seqlen_k = tl.minimum(seqlen_k + tl.load(CacheSeqlens + off_b), capacity)
 
     # Row r of this program is query token r % Sq of query head hkv * G + r // Sq.
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(2) * BLOCK_M + offs_m
     q_pos = rows % seqlen_q
+    if INT64_INDEX:  # token x stride may pass 2^31
+        q_pos = q_pos.to(tl.int64)
     heads = off_hkv * group_size + rows // seqlen_q
     row_ok = rows < group_size * seqlen_q
     offs_n = tl.arange(0, BLOCK_N)
@@ -90,48 +99,45 @@ def _decode_split_kernel(
         acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, DOT_PRECISION)
-
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,
+        DOT_PRECISION)
     out, lse = finalize(acc, m_i, l_i)
+
+    if SPLIT:
+        # Each split stores its partial result (normalized, with its LSE) in this tile's slots of the workspace,
+        # and counts itself done; the last split of the tile to finish merges all of them (one launch, no
+        # combine kernel) and zeroes the counter for the next launch.
+        tile = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64)
+        part = (tile * num_splits + split) * BLOCK_M + offs_m
+        tl.store(PartOut + part[:, None] * BLOCK_D + offs_d[None, :], out)
+        tl.store(PartLse + part, lse)
+        tl.debug_barrier()  # every thread's partial is written before the release below publishes them
+        if tl.atomic_add(SplitsDone + tile, 1, sem="acq_rel") != num_splits - 1:
+            return
+        first = tile * num_splits * BLOCK_M + offs_m
+        lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for s in range(0, num_splits):  # online merge by LSE; .cg reads L2, where the other splits wrote
+            lse_s = tl.load(PartLse + first + s * BLOCK_M, cache_modifier=".cg")
+            out_s = tl.load(PartOut + (first + s * BLOCK_M)[:, None] * BLOCK_D + offs_d[None, :], cache_modifier=".cg")
+            new_max = tl.maximum(lse_max, lse_s)
+            use_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no split has seen a key yet: weights 0
+            alpha = tl.exp(lse_max - use_max)
+            weight = tl.exp(lse_s - use_max)
+            out = out * alpha[:, None] + out_s * weight[:, None]
+            total = total * alpha + weight
+            lse_max = new_max
+        seen = total > 0
+        out = out / tl.where(seen, total, 1.0)[:, None]
+        lse = tl.where(seen, lse_max + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        tl.store(SplitsDone + tile, 0)
+
     o_ptrs = (Out + off_b * stride_ob + heads[:, None] * stride_oh + q_pos[:, None] * stride_om
-              + split * stride_os + offs_d[None, :] * stride_od)
+              + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(Lse + off_b * stride_lb + heads * stride_lh + q_pos * stride_lm + split * stride_ls, lse, mask=row_ok)
-
-
-@triton.jit
-def _combine_kernel(
-    PartOut, PartLse, Out, Lse,
-    stride_pb, stride_ph, stride_pm, stride_ps, stride_pd,
-    stride_plb, stride_plh, stride_plm, stride_pls,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
-    num_heads, seqlen_q, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, RETURN_LSE: tl.constexpr,
-):
-    """One program per (batch, head, query token): merge the splits' partial outputs by their LSE."""
-    pid = tl.program_id(0)
-    off_b = (pid // (num_heads * seqlen_q)).to(tl.int64)
-    off_h = (pid // seqlen_q) % num_heads
-    off_m = pid % seqlen_q
-    splits = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    split_ok = splits < num_splits
-    lse_s = tl.load(PartLse + off_b * stride_plb + off_h * stride_plh + off_m * stride_plm + splits * stride_pls,
-                    mask=split_ok, other=float("-inf"))
-    lse_max = tl.max(lse_s, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no split saw a key: weights all 0
-    weights = tl.exp(lse_s - lse_max)
-    total = tl.sum(weights, 0)
-    part = tl.load(PartOut + off_b * stride_pb + off_h * stride_ph + off_m * stride_pm
-                   + splits[:, None] * stride_ps + offs_d[None, :] * stride_pd,
-                   mask=split_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(part * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_m * stride_om + offs_d * stride_od,
-             out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
     if RETURN_LSE:
-        lse = tl.where(total > 0, lse_max + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
+        tl.store(Lse + off_b * stride_lb + heads * stride_lh + q_pos * stride_lm, lse, mask=row_ok)
 
 
 # (block_n, num_warps, num_stages): from the decode sweeps on an H100 (benchmarks/sweep_decode.py,
@@ -193,16 +199,74 @@ def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int,
 
 
 @functools.cache
-def _shared_memory_bytes(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+def _device_limits(device_index: int) -> tuple[int, int]:
+    """``(SM count, shared memory bytes per block)`` of a CUDA device."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return torch.cuda.get_device_properties(device_index).multi_processor_count, props["max_shared_mem"]
+
+
+_decode = Launcher(_decode_kernel)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, page_size, mask_kind, mask_per_key,
+          window, softcap, has_seqlens, return_lse, int64_index, config):
+    """What a launch needs that depends only on the call's signature (not on the cache length):
+    ``(block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs)``, where
+    ``constexprs[split]`` is the constexpr tuple without or with the split merge. ``device_index`` is None under
+    the interpreter; ``page_size`` 0 means a contiguous cache."""
+    group = heads_q // heads_kv
+    block_d = max(16, next_power_of_2(head_dim))
+    block_m = min(64, max(16, next_power_of_2(group * seqlen_q)))
+    row_blocks = cdiv(group * seqlen_q, block_m)
+    if device_index is None:
+        sm_count, config = 4, config or _INTERPRETER_CONFIG
+    else:
+        sm_count, shared_memory = _device_limits(device_index)
+        config = config or fit_config(choose_config(batch, heads_kv, row_blocks, sm_count, page_size), block_m,
+                                      block_d, dtype.itemsize, mask_kind != MASK_NONE.value, shared_memory)
+    block_n, num_warps, num_stages = config
+    if page_size == 0:
+        paging = NOT_PAGED.value
+    else:
+        paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
+    left, right = window
+    by_split = {split: _decode.constexprs(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
+        HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, SPLIT=split, RETURN_LSE=return_lse,
+        INT64_INDEX=int64_index, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32") for split in (False, True)}
+    return block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, by_split
+
+
+class _Workspace:
+    """Per (device, stream): the split kernel's fp32 partial results and its per-tile counters of finished splits
+    (all zero between launches: the last split of each tile zeroes its counter). Reused across calls, grown as
+    needed. Launches on one stream run in order, so one set per stream suffices; inside CUDA-graph capture each
+    call gets its own (the counters' zeroing is then captured too)."""
+
+    _by_stream: dict = {}
+
+    @classmethod
+    def get(cls, device, floats: int, tiles: int):
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return (torch.empty(floats, device=device, dtype=torch.float32),
+                    torch.zeros(tiles, device=device, dtype=torch.int32))
+        key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0)
+        found = cls._by_stream.get(key)
+        if found is None or found[0].numel() < floats or found[1].numel() < tiles:
+            grown = max(floats, found[0].numel() if found else 0), max(tiles, found[1].numel() if found else 0)
+            found = (torch.empty(grown[0], device=device, dtype=torch.float32),
+                     torch.zeros(grown[1], device=device, dtype=torch.int32))
+            cls._by_stream[key] = found
+        return found
 
 
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
     mask=None, return_lse=False, num_splits=0, config=None,
 ):
-    """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys.
+    """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys, in one launch.
 
     Inputs are already validated (see :func:`tileattn.attention_with_kvcache`).
     Args:
@@ -222,59 +286,34 @@ def decode_attention(
     """
     b, hq, sq, d = q.shape
     hkv = k_cache.shape[1]
-    group = hq // hkv
     paged = block_table is not None
-    page_size = k_cache.shape[2] if paged else 1
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    block_d = max(16, next_power_of_2(d))
-    block_m = min(64, max(16, next_power_of_2(group * sq)))
-    row_blocks = cdiv(group * sq, block_m)
-    interpreted = q.device.type == "cpu"
-    sm_count = 4 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
-    if config is None and interpreted:
-        config = _INTERPRETER_CONFIG
-    elif config is None:
-        config = fit_config(choose_config(b, hkv, row_blocks, sm_count, page_size if paged else 0),
-                            block_m, block_d, q.element_size(), mask is not None, _shared_memory_bytes(q.device))
-    block_n, num_warps, num_stages = config
+    mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(  # a tile's rows span query heads and tokens
+        mask, placeholder=q, row_dims=(1, 2))
+    block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs = _plan(
+        b, hq, hkv, sq, d, q.dtype, None if q.device.type == "cpu" else q.device.index, k_cache.shape[2] if paged else 0,
+        mask_kind, mask_per_key, tuple(window), softcap is not None, cache_seqlens is not None, return_lse,
+        needs_int64_index(q, k_cache, v_cache, mask_arg), None if config is None else tuple(config))
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
     num_splits = cdiv(capacity, keys_per_split)  # no split left empty by the rounding
 
     out = torch.empty_like(q)
-    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
-    if num_splits == 1:  # write the final result directly, as split 0 of a one-split "partial"
-        part_out, part_lse = out.unsqueeze(3), lse.unsqueeze(3)
-    else:
-        part_out = torch.empty(b, hq, sq, num_splits, d, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(b, hq, sq, num_splits, device=q.device, dtype=torch.float32)
-    if not paged:
-        paging = NOT_PAGED.value
-    else:
-        paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
-    mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(  # a tile's rows span query heads and tokens
-        mask, placeholder=q, row_dims=(1, 2))
-    grid = (num_splits, b * hkv, row_blocks)
-    _decode_split_kernel[grid](
-        q, k_cache, v_cache, part_out, part_lse, block_table if paged else q,
-        q if cache_seqlens is None else cache_seqlens, mask_arg,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *part_out.stride(), *part_lse.stride(),
-        block_table.stride(0) if paged else 0, *mask_strides,
-        hkv, group, sq, new_tokens, keys_per_split, page_size,
-        float(scale), float(softcap or 1.0), max(window[0], 0), max(window[1], 0),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
-        HAS_SOFTCAP=softcap is not None, PAGED=paging, HAS_SEQLENS=cache_seqlens is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32) if return_lse else out
+    tiles = b * hkv * row_blocks
     if num_splits > 1:
-        _combine_kernel[(b * hq * sq,)](
-            part_out, part_lse, out, lse,
-            *part_out.stride(), *part_lse.stride(), *out.stride(), *lse.stride(),
-            hq, sq, num_splits,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, next_power_of_2(num_splits)),
-            RETURN_LSE=return_lse, num_warps=4,
-        )
+        parts = tiles * num_splits * block_m
+        workspace, splits_done = _Workspace.get(q.device, parts * (block_d + 1), tiles)
+        part_out, part_lse = workspace, workspace[parts * block_d:]
+    else:
+        part_out = part_lse = splits_done = q  # placeholders, never read
+    _decode((num_splits, b * hkv, row_blocks),
+            (q, k_cache, v_cache, out, lse, part_out, part_lse, splits_done, block_table if paged else q,
+             q if cache_seqlens is None else cache_seqlens, mask_arg),
+            (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *lse.stride()[:3],
+             block_table.stride(0) if paged else 0, *mask_strides,
+             hkv, hq // hkv, sq, new_tokens, capacity, num_splits, keys_per_split, k_cache.shape[2] if paged else 1,
+             max(window[0], 0), max(window[1], 0)),
+            (scale, softcap or 1.0), constexprs[num_splits > 1], num_warps, num_stages)
     return out, (lse if return_lse else None)

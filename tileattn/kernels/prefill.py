@@ -11,13 +11,17 @@ a sliding window's left edge, the ragged end of K) are masked elementwise; block
 skipped without being loaded.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import (
-    MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, key_block_ranges, load_tile, mask_arguments, next_power_of_2,
+    MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, key_block_ranges, load_tile, mask_arguments,
+    needs_int64_index, next_power_of_2,
 )
+from .launch import Launcher
 
 
 @triton.jit
@@ -29,13 +33,14 @@ def _prefill_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    num_heads_q, group_size, seqlen_q, seqlen_k,
-    sm_scale, softcap, window_left, window_right,
+    num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
+    sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, IS_VARLEN: tl.constexpr, INT64_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # Parameters are ordered tensors, ints, floats, constexprs, as kernels.launch.Launcher expects.
     # Heaviest query blocks first: with causal masking the last rows see the most keys.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -58,6 +63,8 @@ def _prefill_kernel(
     k_start = k_start.to(tl.int64)
 
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64_INDEX:  # row x stride may pass 2^31
+        rows = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + (q_start + rows[:, None]) * stride_qm
@@ -84,7 +91,7 @@ def _prefill_kernel(
         stride_kn, stride_vn, stride_mn, 0, 0, 1,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, NOT_PAGED,
-        DOT_PRECISION)
+        INT64_INDEX, DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
     row_ok = rows < seqlen_q
@@ -109,39 +116,49 @@ _CONFIGS = {
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 
 
-def _config(block_d: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
-    if interpreted:
-        return _INTERPRETER_CONFIG
-    block_m, block_n, warps, stages = _CONFIGS[block_d]
-    if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
-        stages = min(stages, 2)
-    return block_m, block_n, warps, stages
+_prefill = Launcher(_prefill_kernel)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(head_dim, dtype, interpreted, config, window, mask_kind, mask_per_key, softcap, return_lse, varlen,
+          int64_index):
+    """Everything a launch needs that depends only on the call's signature: ``(block_m, num_warps, num_stages,
+    constexprs)``. Cached, so a call repeats none of it (host time decides short prefills and decode)."""
+    block_d = max(16, next_power_of_2(head_dim))
+    if config is not None:
+        block_m, block_n, num_warps, num_stages = config
+    elif interpreted:
+        block_m, block_n, num_warps, num_stages = _INTERPRETER_CONFIG
+    else:
+        block_m, block_n, num_warps, num_stages = _CONFIGS[block_d]
+        if dtype == torch.float32:
+            block_n = max(16, block_n // 2)
+            num_stages = min(num_stages, 2)
+    left, right = window
+    constexprs = _prefill.constexprs(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
+        HAS_SOFTCAP=softcap, RETURN_LSE=return_lse, IS_VARLEN=varlen, INT64_INDEX=int64_index,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return block_m, num_warps, num_stages, constexprs
 
 
 def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, scale, softcap, mask, return_lse,
             config):
     """Shared launch of the dense and varlen forms. ``strides`` gives q/k/v/out/lse strides as
     (batch, head, token, dim) tuples (lse: batch, head, token); ``sq``/``sk`` size the grid."""
-    hq, d = q.shape[-2 if cu_seqlens else 1], q.shape[-1]
+    hq = q.shape[-2 if cu_seqlens else 1]
     hkv = k.shape[-2 if cu_seqlens else 1]
-    block_d = max(16, next_power_of_2(d))
-    block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
     mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(mask, placeholder=q, row_dims=(2,))
     cu_q, cu_k = cu_seqlens or (q, q)
+    block_m, num_warps, num_stages, constexprs = _plan(
+        q.shape[-1], q.dtype, q.device.type == "cpu", config, window, mask_kind, mask_per_key, softcap is not None,
+        return_lse, cu_seqlens is not None, needs_int64_index(q, k, v, out, mask_arg))
     left, right = window
-    grid = (cdiv(sq, block_m), batch * hq)
-    _prefill_kernel[grid](
-        q, k, v, out, lse, mask_arg, cu_q, cu_k,
-        *strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
-        hq, hq // hkv, sq, sk,
-        float(scale), float(softcap or 1.0), max(left, 0), max(right, 0),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
-        HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    _prefill((cdiv(sq, block_m), batch * hq, 1), (q, k, v, out, lse, mask_arg, cu_q, cu_k),
+             (*strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
+              hq, hq // hkv, sq, sk, max(left, 0), max(right, 0)),
+             (scale, softcap or 1.0), constexprs, num_warps, num_stages)
     return out, (lse if return_lse else None)
 
 

@@ -1,0 +1,221 @@
+"""``tileattn bench overhead``: what a call costs the host, and what that does to small-batch generation.
+
+Two tables:
+
+- host microseconds per call of every entry point beside the PyTorch SDPA call that does the same work, with
+  tiny GPU work (so the time between two synchronizations over many calls is the host's): prefill and
+  decode-shaped ``attention``, with and without a padding mask, ``attention_with_kvcache`` (with and without
+  new tokens, with and without its bounds check), ``PagedKVCache.attention``, ``attention_varlen`` and
+  ``flash_attn_compat.flash_attn_with_kvcache``;
+- Transformers ``generate()``: decode milliseconds per step for eager / sdpa / tileattn at batch 1 (prompts of
+  512 and 4096 tokens) and batch 8 (1024) on a LLaMA-7B-shaped model (GQA 32/8, bf16, random weights), eager
+  mode, and the same with a static cache, which Transformers compiles with CUDA graphs (how small-batch decode
+  is run when speed matters).
+
+Implementations are timed round-robin within each repeat (so a noisy moment hits all of them) and reported as
+the median with min-max. On CPU the first table uses small fp32 shapes and the generation rows a 2-layer model;
+what needs CUDA is listed as skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .report import Progress, environment, markdown_table, write_results
+
+CALLS_PER_REPEAT = 300
+REPEATS = 7
+
+
+def _host_us(fn, device, calls) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def round_robin(fns: dict, measure, repeats: int) -> dict:
+    """``measure(fn)`` of every named function, ``repeats`` times in turn; per name: median, min, max."""
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(measure(fn))
+    return {name: dict(median=sorted(s)[len(s) // 2], min=min(s), max=max(s)) for name, s in samples.items()}
+
+
+def host_cases(device):
+    """``(case, {implementation: fn})``: the SDPA call first, then tileattn's entry points doing the same work."""
+    import tileattn
+    from tileattn import flash_attn_compat
+    from tileattn.cache import PagedKVCache
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads, kv_heads, head_dim, cache_len = (32, 8, 128, 1024) if device.type == "cuda" else (8, 2, 64, 256)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    cases = []
+    q, k, v = randn(1, heads, 16, head_dim), randn(1, heads, 16, head_dim), randn(1, heads, 16, head_dim)
+    pad = torch.ones(1, 16, dtype=torch.bool, device=device)
+    pad[:, :3] = False
+    prefill = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "tileattn.attention (auto)": lambda: tileattn.attention(q, k, v, causal=True)}
+    if device.type == "cuda":
+        prefill["tileattn.attention (triton)"] = lambda: tileattn.attention(q, k, v, causal=True, backend="triton")
+    cases.append(("prefill causal [1, H, 16, D]", prefill))
+    causal_pad = torch.tril(torch.ones(16, 16, dtype=torch.bool, device=device)) & pad[:, None, None, :]
+    cases.append(("prefill, padding mask [1, H, 16, D]", {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal_pad),
+        "tileattn.attention": lambda: tileattn.attention(q, k, v, causal=True, mask=pad[:, None, None, :]),
+    }))
+    qd, kc, vc = randn(1, heads, 1, head_dim), randn(1, kv_heads, cache_len, head_dim), randn(1, kv_heads, cache_len, head_dim)
+    key_pad = torch.ones(1, 1, 1, cache_len, dtype=torch.bool, device=device)
+    key_pad[..., :5] = False
+    cases.append((f"decode, GQA {heads}/{kv_heads}, {cache_len} keys", {
+        "sdpa": lambda: F.scaled_dot_product_attention(qd, kc, vc, enable_gqa=True),
+        "tileattn.attention": lambda: tileattn.attention(qd, kc, vc),
+    }))
+    cases.append((f"decode, GQA, padding mask, {cache_len} keys", {
+        "sdpa": lambda: F.scaled_dot_product_attention(qd, kc, vc, attn_mask=key_pad, enable_gqa=True),
+        "tileattn.attention": lambda: tileattn.attention(qd, kc, vc, mask=key_pad),
+    }))
+    k_cache, v_cache = randn(1, kv_heads, 2 * cache_len, head_dim), randn(1, kv_heads, 2 * cache_len, head_dim)
+    lengths = torch.full((1,), cache_len, dtype=torch.int32, device=device)
+    k_new, v_new = randn(1, kv_heads, 1, head_dim), randn(1, kv_heads, 1, head_dim)
+    paged = PagedKVCache(num_pages=2 * cache_len // 64 + 2, page_size=64, kv_heads=kv_heads, head_dim=head_dim,
+                         max_seqs=1, max_pages_per_seq=2 * cache_len // 64 + 2, dtype=dtype, device=device)
+    seq = paged.add_sequence()
+    paged.append(seq, randn(kv_heads, cache_len, head_dim), randn(kv_heads, cache_len, head_dim))
+
+    def paged_step():  # one decode step that appends a token, then drop it again so the loop stays in bounds
+        paged.attention([seq], qd, k_new=k_new, v_new=v_new)
+        paged._lengths[seq] -= 1
+        paged.seqlens[seq] -= 1
+
+    q_bshd = qd.transpose(1, 2)
+    k_bshd, v_bshd = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    new_bshd = k_new.transpose(1, 2), v_new.transpose(1, 2)
+    cases.append((f"KV-cache decode, GQA, {cache_len} cached", {
+        "sdpa": lambda: F.scaled_dot_product_attention(qd, kc, vc, enable_gqa=True),
+        "attention_with_kvcache(check_bounds=False)": lambda: tileattn.attention_with_kvcache(
+            qd, k_cache, v_cache, lengths, check_bounds=False),
+        "  + k_new/v_new": lambda: tileattn.attention_with_kvcache(
+            qd, k_cache, v_cache, lengths, k_new=k_new, v_new=v_new, check_bounds=False),
+        "  default check_bounds (a device sync)": lambda: tileattn.attention_with_kvcache(
+            qd, k_cache, v_cache, lengths, k_new=k_new, v_new=v_new),
+        "flash_attn_compat.flash_attn_with_kvcache + k/v": lambda: flash_attn_compat.flash_attn_with_kvcache(
+            q_bshd, k_bshd, v_bshd, *new_bshd, cache_seqlens=lengths, causal=True),
+        "PagedKVCache.attention + k/v (pages of 64)": paged_step,
+    }))
+    packed = randn(48, heads, head_dim)
+    cu = torch.tensor([0, 16, 32, 48], dtype=torch.int32, device=device)
+    q3 = packed.view(3, 16, heads, head_dim).transpose(1, 2)
+    cases.append(("varlen, 3 sequences of 16", {
+        "sdpa": lambda: F.scaled_dot_product_attention(q3, q3, q3, is_causal=True),
+        "attention_varlen": lambda: tileattn.attention_varlen(packed, packed, packed, cu, cu, 16, 16, causal=True),
+    }))
+    return cases
+
+
+def measure_host(device, progress=None) -> list[dict]:
+    rows = []
+    for case, fns in host_cases(device):
+        stats = round_robin(fns, lambda fn: _host_us(fn, device, CALLS_PER_REPEAT), REPEATS)
+        sdpa = stats["sdpa"]["median"]
+        for name, s in stats.items():
+            rows.append(dict(kind="host", case=case, impl=name, us=s["median"], us_min=s["min"], us_max=s["max"],
+                             vs_sdpa=s["median"] / sdpa))
+        if progress:
+            progress.step(case)
+    return rows
+
+
+GENERATE_SHAPES = {"cuda": ((1, 512), (1, 4096), (8, 1024)), "cpu": ((1, 64),)}
+NEW_TOKENS = 32
+
+
+def measure_generate(device, progress=None, compiled=True) -> list[dict]:
+    """Decode ms per step of ``generate()`` per implementation: (time of NEW_TOKENS + 1 tokens - time of 1 token)
+    / NEW_TOKENS, so prefill is excluded; interleaved round-robin, median of 3."""
+    from . import e2e
+
+    on_gpu = device.type == "cuda"
+    spec = dict(e2e.MODELS["llama-7b" if on_gpu else "llama-tiny"])
+    spec["shape"] = dict(spec["shape"], num_key_value_heads=spec["shape"]["num_attention_heads"] // 4)
+    model = e2e.build_model(spec, device)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    rows = []
+    runs = [(b, p, "dynamic") for b, p in GENERATE_SHAPES[device.type]]
+    if on_gpu and compiled:
+        runs.append((1, 512, "static"))
+    for batch, prompt, cache in runs:
+        ids = torch.randint(3, spec["shape"]["vocab_size"], (batch, prompt), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        options = dict(do_sample=False, cache_implementation="static") if cache == "static" else dict(do_sample=False)
+
+        def generate(tokens):
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+
+        def step_ms(impl):
+            e2e.use(model, impl)
+            generate(2)  # warm-up (and compilation with a static cache)
+            one = e2e.timed(lambda: generate(1), device, 1)
+            many = e2e.timed(lambda: generate(NEW_TOKENS + 1), device, 1)
+            return (many - one) / NEW_TOKENS
+
+        impls = {impl: impl for impl in ("eager", "sdpa", "tileattn")}
+        with contextlib.suppress(torch.cuda.OutOfMemoryError):
+            stats = round_robin(impls, step_ms, 3)
+            for impl, s in stats.items():
+                rows.append(dict(kind="generate", batch=batch, prompt=prompt, cache=cache, impl=impl,
+                                 ms_per_step=s["median"], ms_min=s["min"], ms_max=s["max"],
+                                 tokens_per_s=batch * 1e3 / s["median"]))
+        if progress:
+            progress.step(f"generate B={batch} prompt={prompt} {cache} cache")
+    return rows
+
+
+def summarize(rows, device) -> str:
+    host = [r for r in rows if r["kind"] == "host"]
+    parts = ["Host time per call (us; median of %d repeats of %d calls, min-max), implementations interleaved; "
+             "ratio to the SDPA call of the same case:\n\n" % (REPEATS, CALLS_PER_REPEAT)
+             + markdown_table(["case", "implementation", "us/call", "min-max", "vs sdpa"],
+                              [[r["case"], r["impl"], r["us"], f"{r['us_min']:.1f}-{r['us_max']:.1f}", r["vs_sdpa"]]
+                               for r in host])]
+    gen = [r for r in rows if r["kind"] == "generate"]
+    if gen:
+        parts.append(f"Transformers generate(), decode ms per step ({NEW_TOKENS} steps, prefill excluded; median of 3, "
+                     "min-max), GQA 32/8 LLaMA shape, random weights; static = static cache, compiled with CUDA "
+                     "graphs by Transformers:\n\n"
+                     + markdown_table(["batch", "prompt", "cache", "implementation", "ms/step", "min-max", "tokens/s"],
+                                      [[r["batch"], r["prompt"], r["cache"], r["impl"], r["ms_per_step"],
+                                        f"{r['ms_min']:.2f}-{r['ms_max']:.2f}", r["tokens_per_s"]] for r in gen]))
+    if device.type != "cuda":
+        parts.append("Skipped without CUDA: the LLaMA-7B generate() rows and the static-cache (CUDA graph) rows; "
+                     "the Triton kernels (the interpreter is a test tool, not a timing).")
+    return "\n".join(parts)
+
+
+def run(out_dir, progress=None, generate=True):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    progress = progress or Progress(6 + (len(GENERATE_SHAPES[device.type]) + (device.type == "cuda")) * generate,
+                                    "overhead")
+    rows = []
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C keeps what was measured
+        rows += measure_host(device, progress)
+        if generate:
+            rows += measure_generate(device, progress)
+    return write_results(out_dir, "overhead", env, rows, summarize(rows, device))
