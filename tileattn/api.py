@@ -238,11 +238,9 @@ def attention_with_kvcache(
 
         if torch.is_grad_enabled() and q.requires_grad:
             _warn_no_backward()
-        if k_new is not None:
-            ops.run_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
                                   block_table=block_table, return_lse=call.return_lse, num_splits=num_splits,
-                                  scale=call.scale, softcap=call.softcap, window=call.window)
+                                  scale=call.scale, softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new)
     else:
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .cache import write_kv
-from .kernels.append import append_kv
 from .kernels.decode import decode_attention
 from .kernels.prefill import prefill_attention, prefill_attention_varlen
 
@@ -88,19 +87,15 @@ def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 
 
 def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, scale, window, softcap, return_lse,
-               num_splits, mask=None):
+               num_splits, mask=None, k_new=None, v_new=None):
+    """Decode attention; with ``k_new``/``v_new`` the new tokens are first written into the cache: in eager mode by
+    the same launch, while compiling by PyTorch indexing (an in-place write Inductor sees) before the op."""
     if torch.compiler.is_compiling():
+        if k_new is not None:
+            write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         return _result(*decode(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, *window,
                                softcap or 0.0, return_lse, num_splits), return_lse)
     return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                             window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse,
-                            num_splits=num_splits)
+                            num_splits=num_splits, k_new=k_new, v_new=v_new)
 
-
-def run_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
-    """Write new tokens into the cache: the Triton writer in eager mode (one launch), PyTorch indexing while
-    compiling (Inductor sees an in-place index_put it can fuse and capture)."""
-    if torch.compiler.is_compiling():
-        write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    else:
-        append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

@@ -43,6 +43,16 @@ def _host_us(fn, device, calls) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def _wall_ms(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 def round_robin(fns: dict, measure, repeats: int) -> dict:
     """``measure(fn)`` of every named function, ``repeats`` times in turn; per name: median, min, max."""
     samples = {name: [] for name in fns}
@@ -144,7 +154,7 @@ GENERATE_SHAPES = {"cuda": ((1, 512), (1, 4096), (8, 1024)), "cpu": ((1, 64),)}
 NEW_TOKENS = 32
 
 
-def measure_generate(device, progress=None, compiled=True) -> list[dict]:
+def measure_generate(device, progress=None, caches=("dynamic", "static")) -> list[dict]:
     """Decode ms per step of ``generate()`` per implementation: (time of NEW_TOKENS + 1 tokens - time of 1 token)
     / NEW_TOKENS, so prefill is excluded; interleaved round-robin, median of 3."""
     from . import e2e
@@ -156,8 +166,8 @@ def measure_generate(device, progress=None, compiled=True) -> list[dict]:
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     rows = []
-    runs = [(b, p, "dynamic") for b, p in GENERATE_SHAPES[device.type]]
-    if on_gpu and compiled:
+    runs = [(b, p, "dynamic") for b, p in GENERATE_SHAPES[device.type]] if "dynamic" in caches else []
+    if on_gpu and "static" in caches:
         runs.append((1, 512, "static"))
     for batch, prompt, cache in runs:
         ids = torch.randint(3, spec["shape"]["vocab_size"], (batch, prompt), generator=torch.Generator().manual_seed(0))
@@ -171,9 +181,7 @@ def measure_generate(device, progress=None, compiled=True) -> list[dict]:
         def step_ms(impl):
             e2e.use(model, impl)
             generate(2)  # warm-up (and compilation with a static cache)
-            one = e2e.timed(lambda: generate(1), device, 1)
-            many = e2e.timed(lambda: generate(NEW_TOKENS + 1), device, 1)
-            return (many - one) / NEW_TOKENS
+            return (_wall_ms(lambda: generate(NEW_TOKENS + 1), device) - _wall_ms(lambda: generate(1), device)) / NEW_TOKENS
 
         impls = {impl: impl for impl in ("eager", "sdpa", "tileattn")}
         with contextlib.suppress(torch.cuda.OutOfMemoryError):

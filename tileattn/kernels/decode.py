@@ -28,8 +28,37 @@ from .launch import Launcher
 
 
 @triton.jit
+def _write_new_tokens(
+    KNew, VNew, K, V, block_table, off_b, off_hkv, first, last, cached, offs_d,
+    stride_knb, stride_knh, stride_knm, stride_knd, stride_vnb, stride_vnh, stride_vnm, stride_vnd,
+    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, page_size,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Copy the new tokens that belong at cache positions ``first .. last - 1`` (token ``pos - cached`` of
+    ``k_new``/``v_new``) into the cache: row ``b`` of a contiguous cache, or page ``block_table[pos // page_size]``,
+    slot ``pos % page_size``. 64-bit offsets."""
+    for start in range(first, last, BLOCK_W):
+        pos = (start + tl.arange(0, BLOCK_W)).to(tl.int64)
+        ok = (pos < last)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        token = pos - cached
+        if PAGED != NOT_PAGED:
+            page = tl.load(block_table + pos // page_size, mask=pos < last, other=0).to(tl.int64)
+            k_dst = page * stride_kb + (pos % page_size) * stride_kn
+            v_dst = page * stride_vb + (pos % page_size) * stride_vn
+        else:
+            k_dst = off_b * stride_kb + pos * stride_kn
+            v_dst = off_b * stride_vb + pos * stride_vn
+        k = tl.load(KNew + off_b * stride_knb + off_hkv * stride_knh + token[:, None] * stride_knm
+                    + offs_d[None, :] * stride_knd, mask=ok)
+        v = tl.load(VNew + off_b * stride_vnb + off_hkv * stride_vnh + token[:, None] * stride_vnm
+                    + offs_d[None, :] * stride_vnd, mask=ok)
+        tl.store(K + off_hkv * stride_kh + k_dst[:, None] + offs_d[None, :] * stride_kd, k, mask=ok)
+        tl.store(V + off_hkv * stride_vh + v_dst[:, None] + offs_d[None, :] * stride_vd, v, mask=ok)
+
+
+@triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Lse, PartOut, PartLse, SplitsDone, BlockTable, CacheSeqlens, Mask,
+    Q, K, V, Out, Lse, Workspace, SplitsDone, BlockTable, CacheSeqlens, Mask, KNew, VNew,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -37,21 +66,25 @@ def _decode_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_bt,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_knb, stride_knh, stride_knm, stride_knd,
+    stride_vnb, stride_vnh, stride_vnm, stride_vnd,
     num_heads_kv, group_size, seqlen_q, new_tokens, capacity, num_splits, keys_per_split, page_size,
     window_left, window_right,
     sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, SPLIT: tl.constexpr,
-    RETURN_LSE: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, APPEND: tl.constexpr,
+    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Parameters are ordered tensors, ints, floats, constexprs, as kernels.launch.Launcher expects.
     split = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
     off_hkv = (tl.program_id(1) % num_heads_kv).to(tl.int64)
     seqlen_k = new_tokens  # without cache lengths (a plain attention call) every sequence has new_tokens keys
+    cached = 0
     if HAS_SEQLENS:  # clamped to the cache: lengths the caller did not check never make us read outside it
-        seqlen_k = tl.minimum(seqlen_k + tl.load(CacheSeqlens + off_b), capacity)
+        cached = tl.load(CacheSeqlens + off_b)
+        seqlen_k = tl.minimum(seqlen_k + cached, capacity)
 
     # Row r of this program is query token r % Sq of query head hkv * G + r // Sq.
     offs_m = tl.arange(0, BLOCK_M)
@@ -95,6 +128,17 @@ def _decode_kernel(
     lo = tl.minimum(tl.maximum(lo, split_lo), hi)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    if APPEND:
+        # The new tokens (k_new/v_new) go into the cache in the same launch: each program writes those that fall
+        # in its own split's key range (programs of other row blocks write the same bytes), so every key a
+        # program reads below was written by itself; the barrier makes its threads' writes visible to all of them.
+        _write_new_tokens(
+            KNew, VNew, K, V, block_table, off_b, off_hkv, tl.maximum(tl.maximum(cached, split_lo), 0),
+            tl.minimum(seqlen_k, split_hi), cached, offs_d,
+            stride_knb, stride_knh, stride_knm, stride_knd, stride_vnb, stride_vnh, stride_vnm, stride_vnd,
+            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, page_size,
+            HEAD_DIM, BLOCK_D, 16, PAGED)
+        tl.debug_barrier()
     acc, m_i, l_i = attend_keys(
         acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
@@ -106,8 +150,11 @@ def _decode_kernel(
     if SPLIT:
         # Each split stores its partial result (normalized, with its LSE) in this tile's slots of the workspace,
         # and counts itself done; the last split of the tile to finish merges all of them (one launch, no
-        # combine kernel) and zeroes the counter for the next launch.
+        # combine kernel) and zeroes the counter for the next launch. The workspace holds every partial
+        # output [tiles, splits, BLOCK_M, BLOCK_D], then every partial LSE [tiles, splits, BLOCK_M].
         tile = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64)
+        PartOut = Workspace
+        PartLse = Workspace + (tl.num_programs(1) * tl.num_programs(2)).to(tl.int64) * num_splits * BLOCK_M * BLOCK_D
         part = (tile * num_splits + split) * BLOCK_M + offs_m
         tl.store(PartOut + part[:, None] * BLOCK_D + offs_d[None, :], out)
         tl.store(PartLse + part, lse)
@@ -210,7 +257,7 @@ _decode = Launcher(_decode_kernel)
 
 @functools.lru_cache(maxsize=4096)
 def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, page_size, mask_kind, mask_per_key,
-          window, softcap, has_seqlens, return_lse, int64_index, config):
+          window, softcap, has_seqlens, append, return_lse, int64_index, config):
     """What a launch needs that depends only on the call's signature (not on the cache length):
     ``(block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs)``, where
     ``constexprs[split]`` is the constexpr tuple without or with the split merge. ``device_index`` is None under
@@ -234,7 +281,7 @@ def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, pag
     by_split = {split: _decode.constexprs(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
-        HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, SPLIT=split, RETURN_LSE=return_lse,
+        HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, APPEND=append, SPLIT=split, RETURN_LSE=return_lse,
         INT64_INDEX=int64_index, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32") for split in (False, True)}
     return block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, by_split
 
@@ -264,7 +311,7 @@ class _Workspace:
 
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
-    mask=None, return_lse=False, num_splits=0, config=None,
+    mask=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None,
 ):
     """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys, in one launch.
 
@@ -275,6 +322,9 @@ def decode_attention(
             paged ``[num_pages, Hkv, page_size, D]``; any strides.
         cache_seqlens: int32 ``[B]``; new_tokens: tokens appended to the cache for this call (0 or Sq). With
             ``cache_seqlens`` None, every sequence has exactly ``new_tokens`` keys (a plain attention call).
+        k_new, v_new: optional ``[B, Hkv, Sq, D]``, written by this launch into the cache at positions
+            ``cache_seqlens[b] ..`` (needs ``cache_seqlens`` and ``new_tokens = Sq``); positions past the capacity
+            are not written. Without them, the new tokens must already be in the cache.
         window: ``(left, right)``, -1 unbounded, causal folded in as ``right = 0``.
         mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, capacity]`` over
             cache positions (``capacity`` = ``S_max``, or ``max_pages * page_size`` when paged); any strides,
@@ -284,36 +334,69 @@ def decode_attention(
     Returns:
         ``(out [B, Hq, Sq, D] like q, lse fp32 [B, Hq, Sq] or None)``.
     """
+    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
+           None if block_table is None else (block_table.shape, block_table.stride(0)),
+           None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
+           None if k_new is None else (k_new.stride(), v_new.stride()),
+           tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config))
+    call = _calls.get(key)
+    if call is None:
+        call = _prepare(q, k_cache, v_cache, block_table, mask, cache_seqlens is not None, k_new, v_new, new_tokens,
+                        tuple(window), scale, softcap, return_lse, num_splits, config)
+        if len(_calls) >= MAX_CACHED_CALLS:
+            _calls.clear()
+        _calls[key] = call
+    launch, num_splits, workspace_floats, tiles = call
+
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
+    workspace = splits_done = q  # placeholders, never read with one split
+    if num_splits > 1:
+        workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles)
+    if mask is None:
+        mask = q
+    elif mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # Triton has no bool pointers
+    _decode.launch(launch, (q, k_cache, v_cache, out, lse, workspace, splits_done,
+                            q if block_table is None else block_table, q if cache_seqlens is None else cache_seqlens,
+                            mask, q if k_new is None else k_new, q if v_new is None else v_new))
+    return out, (lse if return_lse else None)
+
+
+# Prepared launches by call signature (shapes, strides, dtypes, options): a repeated call (a decode loop over a
+# static or paged cache) recomputes nothing but its outputs.
+_calls: dict = {}
+MAX_CACHED_CALLS = 4096
+
+
+def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, new_tokens, window, scale, softcap,
+             return_lse, num_splits, config):
+    """``(Launch, num_splits, workspace floats, tiles)`` for a call of this signature."""
     b, hq, sq, d = q.shape
     hkv = k_cache.shape[1]
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(  # a tile's rows span query heads and tokens
         mask, placeholder=q, row_dims=(1, 2))
+    device = q.device
+    large = needs_int64_index(q, k_cache, v_cache) or (mask is not None and needs_int64_index(mask_arg))
     block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs = _plan(
-        b, hq, hkv, sq, d, q.dtype, None if q.device.type == "cpu" else q.device.index, k_cache.shape[2] if paged else 0,
-        mask_kind, mask_per_key, tuple(window), softcap is not None, cache_seqlens is not None, return_lse,
-        needs_int64_index(q, k_cache, v_cache, mask_arg), None if config is None else tuple(config))
+        b, hq, hkv, sq, d, q.dtype, None if device.type == "cpu" else device.index, k_cache.shape[2] if paged else 0,
+        mask_kind, mask_per_key, window, softcap is not None, has_seqlens, k_new is not None, return_lse, large,
+        None if config is None else tuple(config))
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
     num_splits = cdiv(capacity, keys_per_split)  # no split left empty by the rounding
-
-    out = torch.empty_like(q)
-    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32) if return_lse else out
+    out = torch.empty_like(q)  # the strides every call's output will have (empty_like follows q's layout)
+    lse_strides = (hq * sq, sq, 1) if return_lse else out.stride()[:3]
+    launch = _decode.prepare(
+        (num_splits, b * hkv, row_blocks),
+        (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *lse_strides,
+         block_table.stride(0) if paged else 0, *mask_strides,
+         *(k_new.stride() if k_new is not None else (0,) * 4), *(v_new.stride() if v_new is not None else (0,) * 4),
+         hkv, hq // hkv, sq, new_tokens, capacity, num_splits, keys_per_split, k_cache.shape[2] if paged else 1,
+         max(window[0], 0), max(window[1], 0)),
+        (scale, softcap or 1.0), constexprs[num_splits > 1], num_warps, num_stages)
     tiles = b * hkv * row_blocks
-    if num_splits > 1:
-        parts = tiles * num_splits * block_m
-        workspace, splits_done = _Workspace.get(q.device, parts * (block_d + 1), tiles)
-        part_out, part_lse = workspace, workspace[parts * block_d:]
-    else:
-        part_out = part_lse = splits_done = q  # placeholders, never read
-    _decode((num_splits, b * hkv, row_blocks),
-            (q, k_cache, v_cache, out, lse, part_out, part_lse, splits_done, block_table if paged else q,
-             q if cache_seqlens is None else cache_seqlens, mask_arg),
-            (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *lse.stride()[:3],
-             block_table.stride(0) if paged else 0, *mask_strides,
-             hkv, hq // hkv, sq, new_tokens, capacity, num_splits, keys_per_split, k_cache.shape[2] if paged else 1,
-             max(window[0], 0), max(window[1], 0)),
-            (scale, softcap or 1.0), constexprs[num_splits > 1], num_warps, num_stages)
-    return out, (lse if return_lse else None)
+    return launch, num_splits, tiles * num_splits * block_m * (block_d + 1), tiles

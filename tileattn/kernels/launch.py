@@ -58,10 +58,27 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+class Launch:
+    """Everything about one launch but its tensors: grid, ints, floats, constexprs, warps, stages, and the part of
+    the specialization key they fix. Build it once per call signature (:meth:`Launcher.prepare`) and launch it with
+    each call's tensors (:meth:`Launcher.launch`)."""
+
+    __slots__ = ("grid", "ints", "floats", "constexprs", "num_warps", "num_stages", "static_key", "tail")
+
+    def __init__(self, grid, ints, floats, constexprs, num_warps, num_stages):
+        self.grid = tuple(grid)
+        self.ints, self.floats = tuple(ints), tuple(map(float, floats))  # an int would be specialized as an int
+        self.constexprs, self.num_warps, self.num_stages = constexprs, num_warps, num_stages
+        ints_key = int_classes(self.ints)
+        self.static_key = None if ints_key is None else (num_warps, num_stages, constexprs, ints_key)
+        self.tail = (*self.ints, *self.floats, *constexprs)
+
+
 class Launcher:
     """Launch ``fn`` (a ``@triton.jit`` kernel whose parameters are its tensors, then its ints, then its floats,
-    then its constexprs) as ``launcher(grid, tensors, ints, floats, constexprs, num_warps, num_stages)``, where
-    ``constexprs`` is the tuple :meth:`constexprs` builds (cache it with the rest of a launch's configuration)."""
+    then its constexprs): ``launcher(grid, tensors, ints, floats, constexprs, num_warps, num_stages)``, or, where a
+    call signature repeats, ``launcher.launch(launcher.prepare(grid, ints, ...), tensors)`` with the prepared
+    :class:`Launch` cached. ``constexprs`` is the tuple :meth:`constexprs` builds."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -83,30 +100,31 @@ class Launcher:
             raise TypeError(f"{self.fn.__name__} takes constexprs {self.constexpr_names}, got {tuple(values)}")
         return tuple(values[name] for name in self.constexpr_names)
 
-    def __call__(self, grid, tensors, ints, floats, constexprs, num_warps, num_stages):
-        floats = tuple(map(float, floats))  # an int here would be specialized as an int by Triton
-        if self.fast:
-            ints_key = int_classes(ints)
-            if ints_key is not None:
-                device = _current_device()
-                key = (device, num_warps, num_stages, constexprs, ints_key, tensor_classes(tensors))
-                kernel = self._kernels.get(key)
-                if kernel is not None:
-                    stream = _current_stream(device)
-                    args = (*tensors, *ints, *floats, *constexprs)
-                    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-                    if _hooked(enter_hook) or _hooked(exit_hook):  # profilers (e.g. proton) see our launches too
-                        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-                                   kernel.launch_metadata(grid, stream, *args), enter_hook, exit_hook, *args)
-                    else:
-                        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-                                   None, None, None, *args)
-                    return
-                self._kernels[key] = self._launch_through_triton(grid, tensors, ints, floats, constexprs, num_warps,
-                                                                 num_stages)
-                return
-        self._launch_through_triton(grid, tensors, ints, floats, constexprs, num_warps, num_stages)
+    prepare = Launch
 
-    def _launch_through_triton(self, grid, tensors, ints, floats, constexprs, num_warps, num_stages):
-        return self.fn[grid](*tensors, *ints, *floats, **dict(zip(self.constexpr_names, constexprs)),
-                             num_warps=num_warps, num_stages=num_stages)
+    def __call__(self, grid, tensors, ints, floats, constexprs, num_warps, num_stages):
+        self.launch(Launch(grid, ints, floats, constexprs, num_warps, num_stages), tensors)
+
+    def launch(self, launch: Launch, tensors) -> None:
+        if self.fast and launch.static_key is not None:
+            device = _current_device()
+            key = (device, launch.static_key, tensor_classes(tensors))
+            kernel = self._kernels.get(key)
+            if kernel is not None:
+                grid, stream, args = launch.grid, _current_stream(device), (*tensors, *launch.tail)
+                enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+                if _hooked(enter_hook) or _hooked(exit_hook):  # profilers (e.g. proton) see our launches too
+                    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                               kernel.launch_metadata(grid, stream, *args), enter_hook, exit_hook, *args)
+                else:
+                    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                               None, None, None, *args)
+                return
+            self._kernels[key] = self._launch_through_triton(launch, tensors)
+            return
+        self._launch_through_triton(launch, tensors)
+
+    def _launch_through_triton(self, launch: Launch, tensors):
+        return self.fn[launch.grid](*tensors, *launch.ints, *launch.floats,
+                                    **dict(zip(self.constexpr_names, launch.constexprs)),
+                                    num_warps=launch.num_warps, num_stages=launch.num_stages)
