@@ -16,6 +16,19 @@ Which keys a query sees (shared by every backend):
   convention). With ``window = (left, right)`` (-1 = unbounded), query ``i`` sees key ``j`` iff
   ``i + diag - left <= j <= i + diag + right``; ``causal=True`` is ``right = 0``.
   A row that sees no key returns 0 with lse ``-inf``.
+
+NaN and Inf (shared by every backend): the logits ``q @ k^T * scale`` (softcapped, plus an additive mask)
+follow IEEE arithmetic, then for each query row:
+  * a key whose logit is ``-inf`` is absent: masked out by causal, window or a bool mask (False), a ``-inf``
+    additive bias on a score that is not NaN, or an infinite key driving the score to ``-inf``. Its weight is
+    0 and its value is never read, so a NaN/Inf in an absent key or value reaches no output. A row whose
+    keys are all absent returns 0 and lse ``-inf`` (even if its query holds NaN);
+  * a NaN or ``+inf`` logit (a NaN in the query row or in a present key, an Inf in either that makes
+    the score ``+inf`` or NaN, a NaN in the additive mask; note ``NaN + -inf`` is NaN: only a bool mask removes
+    a key unconditionally) makes the whole output row NaN and its lse NaN (softmax of ``+inf`` is ``inf / inf``);
+  * otherwise the output is ``sum_j p_j * v_j`` over the present keys with IEEE arithmetic: a NaN at
+    ``v[j, d]`` makes ``out[d]`` NaN (even where ``p_j`` underflowed to 0), an Inf gives ``+-inf`` there
+    (NaN for ``0 * inf`` or ``inf - inf``); the lse, computed from the logits alone, stays finite.
 """
 
 from __future__ import annotations
@@ -75,6 +88,68 @@ def _scores_to_logits(scores, scale, softcap, mask, visible):
     return scores
 
 
+def values_known_finite(*tensors):
+    """Whether ``tensors`` are known to hold no NaN/Inf: one min/max pass each (``aminmax`` propagates NaN),
+    ``O(S * D)`` against attention's ``O(S^2 * D)``.
+
+    Returns a Python bool (a host read: a sync on CUDA); while compiling, a 0-d bool tensor to branch on with
+    ``torch.cond`` (a data-dependent ``if`` would break the graph); inside CUDA-graph capture, where no value
+    can be read, False: the caller then takes its path that is right for any values.
+    """
+    nonempty = [t for t in tensors if t.numel()]  # aminmax has no identity for empty tensors
+    if not nonempty:
+        return True
+    extremes = torch.stack([x for t in nonempty for x in torch.aminmax(t)])
+    finite = torch.isfinite(extremes).all()
+    if torch.compiler.is_compiling():
+        return finite
+    if extremes.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return bool(finite)
+
+
+def weighted_values(weights, logits, v, values_finite):
+    """``weights @ v`` (``[..., M, N] @ [..., N, D]``, batch dims broadcast) over the keys present in each row
+    (``logits > -inf``): the value of an absent key is never read, even where it is NaN or Inf.
+
+    A matmul multiplies an absent key's weight 0 by its value, and ``0 * NaN`` is NaN: a NaN in a masked-out
+    value would reach rows that never see it. ``values_finite`` (from :func:`values_known_finite` on ``v`` or
+    the tensor it is cut from) says whether the plain matmul is exact; when it is not, see
+    :func:`_weighted_values_over_present_keys`.
+    """
+    if isinstance(values_finite, torch.Tensor):  # while compiling: both branches are traced, one runs
+        return torch.cond(values_finite, _weighted_values_plain, _weighted_values_over_present_keys,
+                          (weights, logits, v))
+    if values_finite:
+        return _weighted_values_plain(weights, logits, v)
+    return _weighted_values_over_present_keys(weights, logits, v)
+
+
+def _weighted_values_plain(weights, logits, v):  # logits unused: torch.cond gives both branches the same operands
+    return torch.matmul(weights, v)
+
+
+def _weighted_values_over_present_keys(weights, logits, v):
+    """The finite values through the matmul; the non-finite ones counted per output element over the present
+    keys, each term ``weights[i, j] * v[j, d]`` giving what IEEE arithmetic gives: NaN for a NaN value or
+    ``0 * inf``, ``+-inf`` for a positive weight times ``+-inf``, NaN where ``+inf`` and ``-inf`` meet. A NaN
+    weight (a NaN row) is already NaN through the matmul."""
+    finite = torch.isfinite(v)
+    out = torch.matmul(weights, torch.where(finite, v, 0.0))
+    present = logits != float("-inf")
+    positive = weights > 0
+
+    def any_term(rows, values):  # [..., M, D]: some key j with rows[i, j] and values[j, d]
+        return torch.matmul(rows.to(v.dtype), values.to(v.dtype)) > 0
+
+    pos_inf = any_term(positive, v == float("inf"))
+    neg_inf = any_term(positive, v == float("-inf"))
+    nan = (any_term(present, torch.isnan(v)) | any_term(present & (weights == 0), torch.isinf(v))
+           | (pos_inf & neg_inf))
+    out = torch.where(pos_inf, float("inf"), torch.where(neg_inf, float("-inf"), out))
+    return torch.where(nan, float("nan"), out)
+
+
 def _defaults(q, k, scale, mask):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if mask is not None:
@@ -92,7 +167,8 @@ def naive_attention(
     Computes in ``compute_dtype`` (default: the input dtype, like eager attention in a model), so
     ``naive_attention(q.double(), ...)`` is the float64 oracle and ``naive_attention(q, ...)`` on fp16
     inputs is "PyTorch's own naive attention in the same low precision" of the tolerance rule.
-    K/V heads are repeated for GQA, as eager attention does.
+    K/V heads are repeated for GQA, as eager attention does. ``v`` is scanned for NaN/Inf first (a host read on
+    CUDA): hidden keys' values must not reach the output (see the module docstring).
     Returns ``out`` (q's dtype) or ``(out, lse)`` with lse ``[B, Hq, Sq]``, fp32 (fp64 when computing in fp64).
     """
     scale, mask = _defaults(q, k, scale, mask)
@@ -107,9 +183,11 @@ def naive_attention(
     cols = torch.arange(sk, device=q.device)
     logits = _scores_to_logits(scores, scale, softcap, mask, visible_keys(rows, cols, sk - sq, left, right))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    # logsumexp is +inf on a row with a +inf logit (and no NaN); the row's output is NaN (inf / inf): so is its lse.
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))
     # exp(logits - lse) is NaN on rows that see nothing (-inf - -inf): those rows get weights 0.
     probs = torch.exp(logits - lse.masked_fill(lse == float("-inf"), 0.0))
-    out = torch.matmul(probs, vf).to(q.dtype)
+    out = weighted_values(probs, logits, vf, values_known_finite(v)).to(q.dtype)
     if return_lse:
         return out, lse.squeeze(-1).to(lse_dtype(dtype))
     return out
@@ -125,7 +203,9 @@ def tiled_attention(
     keeping a running max ``m``, running denominator ``l`` and unnormalized output ``acc`` in fp32:
     when a block raises the max, the earlier sums are rescaled by ``exp(m_old - m_new)``. No
     ``Sq x Sk`` tensor exists; GQA is a broadcast over grouped query heads, never a K/V copy.
-    Same arguments and result as :func:`naive_attention`.
+    Same arguments and result as :func:`naive_attention`, NaN/Inf included: a NaN or ``+inf`` logit makes
+    ``m`` (or ``p``) NaN, which carries through ``l`` and ``acc`` to the row's output and lse. ``v`` is scanned
+    once for NaN/Inf (a host read on CUDA), so that finite values take the plain matmul.
     """
     scale, mask = _defaults(q, k, scale, mask)
     left, right = window_bounds(causal, window)
@@ -138,6 +218,7 @@ def tiled_attention(
     lse = torch.empty(b, hq, sq, dtype=lse_dtype(q.dtype), device=q.device)
     # K/V as [B, Hkv, 1, Sk, D]: the singleton broadcasts over the G query heads of each group.
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    values_finite = values_known_finite(v)
     mask5 = None if mask is None else mask.view(b, hkv, group, sq, sk)
     for q0 in range(0, sq, block_q):
         q1 = min(q0 + block_q, sq)
@@ -162,12 +243,13 @@ def tiled_attention(
             p = torch.exp(logits - m_safe)
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.matmul(p, v5[:, :, :, k0:k1].to(acc_dtype))
+            acc = acc * alpha + weighted_values(p, logits, v5[:, :, :, k0:k1].to(acc_dtype), values_finite)
             m = m_new
-        seen = l > 0
-        out_block = torch.where(seen, acc / torch.where(seen, l, 1.0), 0.0)
+        # l == 0: the row saw no key. A NaN l (a NaN or +inf logit) is not 0 and carries into out and lse.
+        empty = l == 0
+        out_block = torch.where(empty, 0.0, acc / torch.where(empty, 1.0, l))
         out[:, :, q0:q1] = out_block.reshape(b, hq, q1 - q0, d).to(q.dtype)
-        lse_block = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
+        lse_block = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
         lse[:, :, q0:q1] = lse_block.reshape(b, hq, q1 - q0)
     if return_lse:
         return out, lse

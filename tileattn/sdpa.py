@@ -8,11 +8,21 @@ causal only when ``Sq == Sk`` (SDPA's ``is_causal`` is top-left aligned, ours bo
 k/v head counts, head_dim a multiple of 8 and a unit-stride last dim (what the fused kernels read without
 a copy). The kernels are called through their ATen ops directly: ``F.scaled_dot_product_attention``
 inside ``sdpa_kernel(...)`` costs about 10 us of host time per call on the context manager alone.
+
+NaN/Inf: PyTorch's fused CPU kernel does not follow IEEE arithmetic on them (measured with torch 2.13: a NaN
+query row gives a finite row when Sq < 16, a NaN in key 0 can vanish, an Inf in a key gives no NaN in
+fp16/bf16, and a NaN value at a key hidden by causality reaches the rows before it). So on CPU the inputs are
+scanned first (one ``aminmax`` pass each, ``O(S * D)``: 1.2-1.5% of the fused kernel's time at S = 512, 0.3-0.7%
+at 2048; fp32, B = 1-4, H = 8, D = 64, one thread) and a call with any NaN/Inf runs on the tiled path (3-7x slower
+than the fused kernel), which follows :mod:`tileattn.reference`'s rule. CUDA inputs are not scanned (it would cost
+a host sync per call); ``tests/test_nan.py`` checks SDPA's CUDA kernels on the GPU.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .reference import tiled_attention, values_known_finite
 
 KERNELS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient")  # on CPU only "sdpa_flash" (PyTorch's fused CPU kernel)
 _CAN_USE = {"sdpa_cudnn": "can_use_cudnn_attention", "sdpa_flash": "can_use_flash_attention",
@@ -62,9 +72,12 @@ def kernel_unsupported_reason(kernel: str, q, k, v, causal: bool) -> str | None:
 
 
 def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch.Tensor:
-    """Run SDPA's ``kernel`` on a call :func:`unsupported_reason` accepted. Returns ``[B, H, S, D]`` (SDPA's layout)."""
+    """Run SDPA's ``kernel`` on a call :func:`unsupported_reason` accepted. Returns ``[B, H, S, D]`` (SDPA's layout;
+    q's layout when a CPU call with NaN/Inf runs on the tiled path instead, see the module docstring)."""
     aten = torch.ops.aten
     if q.device.type == "cpu":
+        if not values_known_finite(q, k, v):
+            return tiled_attention(q, k, v, causal=causal, scale=scale)
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[0]
     if kernel == "sdpa_cudnn":
         return aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, causal, False, scale=scale)[0]

@@ -71,20 +71,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted: they are not read back to the host (a
     device sync per call); a length past the cache's capacity is clamped to it, never read or written beyond.
     ``tileattn.attention_with_kvcache`` checks them by default."""
-    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
-                        ("cache_leftpad", cache_leftpad)):
-        if value is not None:
-            raise NotImplementedError(f"{name} is not supported by tileattn's flash_attn_with_kvcache")
-    batch = q.shape[0]
+    if rotary_cos is not None or rotary_sin is not None or cache_batch_idx is not None or cache_leftpad is not None:
+        for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+                            ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+            if value is not None:
+                raise NotImplementedError(f"{name} is not supported by tileattn's flash_attn_with_kvcache")
     if cache_seqlens is None:  # flash-attn: the whole cache is valid
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    options = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes are not supported by tileattn")
+    window = None if window_size == (-1, -1) or tuple(window_size) == (-1, -1) else tuple(window_size)
     result = api.attention_with_kvcache(
         q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
         k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),
-        block_table=block_table, num_splits=num_splits, return_lse=return_softmax_lse, check_bounds=False, **options)
+        block_table=block_table, num_splits=num_splits, return_lse=return_softmax_lse, check_bounds=False,
+        scale=softmax_scale, causal=causal, window=window, softcap=softcap or None)
     if return_softmax_lse:
         return result[0].transpose(1, 2), result[1]
     return result.transpose(1, 2)

@@ -158,12 +158,38 @@ def online_softmax_step(s, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 @triton.jit
 def finalize(acc, m_i, l_i):
-    """Normalized output and natural-log LSE; rows that saw no key give 0 and ``-inf``."""
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    """Normalized output and natural-log LSE; rows that saw no key give 0 and ``-inf`` (a NaN row keeps NaN in both:
+    the test is ``l == 0``, which NaN fails)."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     return out, lse
+
+
+@triton.jit
+def accumulate_values(acc, p, v, s, CHECK_VALUES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + p @ v``, where a key whose logit ``s`` is ``-inf`` (hidden from that row) contributes nothing even if
+    its value is NaN or Inf: a plain product would spread ``0 * NaN = NaN`` to rows that never see the key.
+    ``CHECK_VALUES`` (tiles where rows may see different keys): if the tile holds a non-finite value, multiply
+    the finite part and give each row, per column, what IEEE arithmetic gives over the keys it sees (the rule of
+    ``reference.weighted_values``): NaN for a NaN, for ``0 * inf`` or where both infinities meet, else the
+    infinity a positive weight carries. Tiles of finite values, the common case, cost one reduction."""
+    if CHECK_VALUES:
+        finite = (v == v) & (tl.abs(v) != float("inf"))
+        if tl.min(finite.to(tl.int32)) == 0:
+            present = s != float("-inf")
+            positive = p > 0.0
+            nans = (tl.dot(present.to(v.dtype), (v != v).to(v.dtype), input_precision=DOT_PRECISION)
+                    + tl.dot((present & ~positive).to(v.dtype), (tl.abs(v) == float("inf")).to(v.dtype),
+                             input_precision=DOT_PRECISION))
+            pos = tl.dot(positive.to(v.dtype), (v == float("inf")).to(v.dtype), input_precision=DOT_PRECISION)
+            neg = tl.dot(positive.to(v.dtype), (v == -float("inf")).to(v.dtype), input_precision=DOT_PRECISION)
+            special = tl.where((nans > 0) | ((pos > 0) & (neg > 0)), float("nan"),
+                               tl.where(pos > 0, float("inf"), tl.where(neg > 0, -float("inf"), 0.0)))
+            return tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), acc,
+                          input_precision=DOT_PRECISION) + special
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -221,7 +247,7 @@ def _attend_key_blocks(
                          s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = accumulate_values(acc * alpha[:, None], p, v, s, EDGE or MASK_KIND != MASK_NONE, DOT_PRECISION)
     return acc, m_i, l_i
 
 

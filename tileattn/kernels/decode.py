@@ -175,9 +175,9 @@ def _decode_kernel(
             out = out * alpha[:, None] + out_s * weight[:, None]
             total = total * alpha + weight
             lse_max = new_max
-        seen = total > 0
-        out = out / tl.where(seen, total, 1.0)[:, None]
-        lse = tl.where(seen, lse_max + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        empty = total == 0  # no split saw a key (a NaN total stays NaN)
+        out = out / tl.where(empty, 1.0, total)[:, None]
+        lse = tl.where(empty, float("-inf"), lse_max + tl.log(tl.where(empty, 1.0, total)))
         tl.store(SplitsDone + tile, 0)
 
     o_ptrs = (Out + off_b * stride_ob + heads[:, None] * stride_oh + q_pos[:, None] * stride_om
