@@ -2,13 +2,14 @@
 
 import io
 import json
+import signal
 
 import pytest
 import torch
 
-from tileattn import calibration, cli, dispatch
+from tileattn import calibration, cli, dispatch, tune
 from tileattn.bench import e2e, plots
-from tileattn.bench.report import Progress
+from tileattn.bench.report import Progress, Timing, in_fresh_process
 
 from conftest import HAS_CUDA
 
@@ -49,21 +50,73 @@ def test_model_size_arithmetic():
     assert e2e.kv_cache_bytes(e2e.LLAMA_7B, torch.bfloat16, 1) == 2 * 32 * 4096 * 2
 
 
-def test_ctrl_c_keeps_what_was_measured(monkeypatch, tmp_path):
-    calls = []
+def interrupt_after_first_phase(monkeypatch):
+    """e2e's phases: the first one gives a row, the second one is interrupted by Ctrl-C."""
+    phases = []
 
-    def fake_measure(model_name, impl, phase):
-        if calls:
+    def fake_phase(model, model_name, phase, device, implementations, progress):
+        if phases:
             raise KeyboardInterrupt
-        calls.append(impl)
-        return dict(ms=1.0, peak_extra_gib=0.5)
+        phases.append(phase)
+        return [dict(kind=phase[0], impl="eager", batch=1, seqlen=phase[1], peak_extra_gib=0.5,
+                     **Timing((1.0, 1.1, 0.9)).fields("ms"))]
 
-    monkeypatch.setattr(e2e, "measure_fresh", fake_measure)
+    monkeypatch.setattr(e2e, "measure_phase", fake_phase)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_ctrl_c_keeps_what_was_measured(monkeypatch, tmp_path):
+    interrupt_after_first_phase(monkeypatch)
     json_path, md_path = e2e.run(tmp_path, progress=Progress(9, "e2e", stream=io.StringIO()))
-    rows = json.loads(json_path.read_text())["rows"]
-    assert [(r["impl"], r["ms"]) for r in rows] == [("eager", 1.0)]
-    assert "CPU small configuration" in md_path.read_text()
+    record = json.loads(json_path.read_text())
+    assert [(r["impl"], r["ms"]) for r in record["rows"]] == [("eager", 1.0)]
+    assert record["interrupted"]
+    assert "CPU small configuration" in md_path.read_text() and "Interrupted (Ctrl-C)" in md_path.read_text()
+
+
+def test_ctrl_c_in_the_cli_is_a_note_of_what_was_saved(monkeypatch, capsys, tmp_path):
+    interrupt_after_first_phase(monkeypatch)
+    assert cli.main(["bench", "--out", str(tmp_path)]) == cli.INTERRUPTED
+    out = capsys.readouterr().out
+    assert "Interrupted: 1 result rows of tileattn bench e2e measured before Ctrl-C are saved" in out
+    assert "Traceback" not in out
+
+
+def test_fresh_process_ignores_ctrl_c_and_the_parent_keeps_it():
+    """The child must not print its own KeyboardInterrupt traceback; the parent still gets Ctrl-C."""
+    handler = signal.getsignal(signal.SIGINT)
+    assert in_fresh_process(signal.getsignal, signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU's refusal")
+def test_model_too_slow_for_the_cpu_is_refused_with_an_estimate(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(e2e, "cpu_matmul_flops", lambda dtype: 100e9)
+    assert cli.main(["bench", "--model", "llama-7b", "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    hours = 3 * e2e.suite_flops(e2e.MODELS["llama-7b"]) / 100e9 / 3600  # eager, sdpa, tileattn at 100 GFLOP/s
+    assert f"on this CPU the suite would take at least {hours:.0f} hours" in out and "Run it on a CUDA GPU" in out
+    assert "running the small CPU configuration" not in out  # never says one thing and does another
+    assert not list(tmp_path.iterdir())
+
+
+def test_vit_without_timm_gives_advice_that_keeps_this_torch(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm" or name.startswith("timm."):
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    assert cli.main(["bench", "vit", "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    minor = int(torch.__version__.split(".")[1])
+    assert f"torchvision==0.{minor + 15}.*" in out  # the release made for this torch: pip keeps torch as it is
+    if torch.version.cuda is None:
+        assert "download.pytorch.org/whl/cpu" in out and "GPU machine" in out
 
 
 def test_progress_without_a_terminal_prints_lines():
@@ -115,10 +168,33 @@ def test_tune_writes_a_table_auto_then_uses(tmp_path, monkeypatch, capsys):
         dispatch.reset()
 
 
+def test_tune_elsewhere_says_how_auto_would_use_it(monkeypatch, capsys, tmp_path):
+    elsewhere = tmp_path / "mine.json"
+    data = {"device": "test", "measured_with": {}, "entries": []}
+    monkeypatch.setattr(tune, "run", lambda device, sweep, out_path: (str(out_path), data))
+    assert cli.main(["tune", "--out", str(elsewhere)]) == 0
+    out = capsys.readouterr().out
+    read_by_auto = calibration.user_path(calibration.device_name(torch.device("cuda" if HAS_CUDA else "cpu")))
+    assert f"backend='auto' reads only {read_by_auto}: to use this one, copy it there" in out
+    assert "uses it from now on" not in out
+
+
 def test_info_reports_backends_and_calibration(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch:" in out and "backends:" in out and "calibration:" in out
+    assert str(calibration.user_dir()) in out  # where auto looks (or what it read)
+
+
+def test_plot_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "other.json").write_text('{"some": "json"}')
+    files = [tmp_path / "missing.json", tmp_path / "text.json", tmp_path / "other.json"]
+    assert cli.main(["plot", *map(str, files)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"tileattn plot: {files[0]}: no such file",
+                     f"tileattn plot: {files[1]}: not JSON (Expecting value: line 1 column 1 (char 0))",
+                     f"tileattn plot: {files[2]}: not a tileattn bench result (expected \"suite\" and \"rows\")"]
 
 
 def test_e2e_without_transformers_is_a_message(monkeypatch, capsys, tmp_path):

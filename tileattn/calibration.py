@@ -6,11 +6,14 @@ A calibration file is JSON::
      "entries": [{"dtype": "bfloat16", "causal": false, "head_dim": 128,
                   "segments": [{"up_to": 1536, "ranking": ["sdpa_cudnn", "triton", ...]},
                                {"up_to": null, "ranking": [...]}],
-                  "points": [{"seqlen": 1024, "ms": {"triton": 0.41, ...}}, ...]}]}
+                  "points": [{"seqlen": 1024, "ms": {"triton": 0.41, ...}, "spread": {"triton": 0.03, ...},
+                              "noisy": [], "others_cpu": 0.01}, ...]}]}
 
 ``segments`` are the crossovers: for key lengths up to ``up_to`` (null = no limit) the backends ordered
-fastest first, as measured; dispatch takes the first one that can run a call. ``points`` keep the raw
-timings as evidence and are not read by dispatch. A head_dim without an entry uses the entry of the
+fastest first, as measured; dispatch takes the first one that can run a call. ``points`` keep the
+timings as evidence and are not read by dispatch: the median ms of each backend, its spread (interquartile
+range over the median), the backends whose spread made the point noisy, and the share of the CPU that other
+programs used meanwhile (files written before the spread was recorded have ``ms`` only). A head_dim without an entry uses the entry of the
 nearest calibrated head_dim above it (else the largest).
 
 Where the table comes from, per device: the user's file (``tileattn tune`` writes it into

@@ -1,19 +1,26 @@
-"""The ``tileattn`` command: ``bench``, ``tune``, ``info``, ``plot``."""
+"""The ``tileattn`` command: ``bench``, ``tune``, ``info``, ``plot``.
+
+Every failure the user can fix (no GPU, a model too large or too slow for the device, a missing optional
+package, a file that is not a result) is one line saying so, with exit status 2; Ctrl-C ends quietly with a
+note of what was saved, with status 130 (the shell's convention for an interrupted program).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-SUITES = ("e2e", "kernels", "decode", "varlen", "vit", "demo")
+SUITES = ("e2e", "kernels", "decode", "varlen", "vit", "overhead", "demo")
+ALL = ("e2e", "kernels", "decode", "varlen", "vit", "overhead")  # `bench all`: every suite but the CPU demo
 GPU_ONLY = ("kernels", "decode", "varlen")
+INTERRUPTED = 130
 
 
 def _info(args) -> int:
-    from . import calibration
     from .bench.report import environment
     from .dispatch import triton_unsupported_reason
 
@@ -28,78 +35,116 @@ def _info(args) -> int:
     print("               sdpa: PyTorch's fused kernels, for plain calls (no mask, window, softcap or lse)")
     print("               torch (tiled PyTorch): usable on every device")
     print("               naive (materialized): usable on every device (a baseline, never chosen by auto)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = calibration.device_name(device)
-    user, shipped = calibration.user_path(name), calibration.shipped_path(name)
-    source = user if user.exists() else shipped if shipped.exists() else None
-    print(f"  calibration: {source or 'none (built-in rule; run `tileattn tune`)'}")
+    print(f"  calibration: {_calibration_in_use()}")
     return 0
+
+
+def _calibration_in_use() -> str:
+    """Which calibration file backend='auto' reads on this machine's default device, and where it looks."""
+    import json
+
+    from . import calibration
+
+    name = calibration.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    user, shipped = calibration.user_path(name), calibration.shipped_path(name)
+    fallback = f"shipped defaults ({shipped})" if shipped.exists() else "the built-in rule"
+    if user.exists():
+        try:
+            calibration.parse(json.loads(user.read_text()), str(user))
+        except (OSError, ValueError) as exc:
+            return f"{user} is unreadable ({exc}); auto uses {fallback}"
+        return f"{user} (written by `tileattn tune`)"
+    if shipped.exists():
+        return f"shipped defaults ({shipped}); `tileattn tune` would write {user}, which auto reads first"
+    return f"none: the built-in rule (run `tileattn tune` to measure this device; auto reads {user})"
 
 
 def _bench(args) -> int:
     from .bench import plots
 
-    has_gpu = torch.cuda.is_available()
-    suites = SUITES[:-1] if args.suite == "all" else (args.suite or "e2e",)
-    if not has_gpu:
-        missing = [s for s in suites if s in GPU_ONLY]
-        if missing and args.suite != "all":
-            print(f"tileattn bench {missing[0]} needs a CUDA GPU; without one, `tileattn bench` runs the article's "
+    suites = ALL if args.suite == "all" else (args.suite or "e2e",)
+    if not torch.cuda.is_available():
+        if args.suite in GPU_ONLY:
+            print(f"tileattn bench {args.suite} needs a CUDA GPU; without one, `tileattn bench` runs the article's "
                   "table on a small CPU configuration.")
             return 2
+        skipped = [s for s in suites if s in GPU_ONLY]
+        if skipped:
+            print(f"No CUDA GPU here: skipping {', '.join(skipped)} (GPU only).")
         suites = tuple(s for s in suites if s not in GPU_ONLY)
-        print("No CUDA GPU here: running the small CPU configuration (labelled as such in the results).")
     status = 0
     for suite in suites:
-        print(f"== tileattn bench {suite} ==")
+        print(f"== tileattn bench {suite} ==", flush=True)
         try:
-            paths = _run_suite(suite, args)
+            json_path, md_path = _run_suite(suite, args)
         except RuntimeError as exc:  # TooLargeError, a missing optional package: a message, not a trace
             print(f"tileattn bench {suite}: {exc}")
             status = 2
             continue
-        print(paths[1].read_text())
-        pngs = plots.plot(paths[0])
-        print("results: " + ", ".join(str(p) for p in (*paths, *pngs)))
+        except KeyboardInterrupt:
+            print(f"\nInterrupted before tileattn bench {suite} measured anything: nothing saved for it.")
+            return INTERRUPTED
+        print(md_path.read_text())
+        pngs = plots.plot(json_path)
+        print("results: " + ", ".join(str(p) for p in (json_path, md_path, *pngs)), flush=True)
+        results = plots.load(json_path)
+        if results.get("interrupted"):
+            print(f"Interrupted: {len(results['rows'])} result rows of tileattn bench {suite} measured before Ctrl-C "
+                  "are saved in the files above" + ("; the suites after it did not run." if suite != suites[-1] else "."))
+            return INTERRUPTED
     return status
 
 
 def _run_suite(suite, args):
-    from .bench import decode, demo, e2e, kernels, vit
-
+    """Run one suite (its module imported only now: each needs only its own optional packages)."""
+    module = importlib.import_module(f"tileattn.bench.{'decode' if suite == 'varlen' else suite}")
     if suite == "e2e":
-        return e2e.run(args.out, model_name=args.model)
-    if suite == "kernels":
-        return kernels.run(args.out)
-    if suite == "decode":
-        return decode.run(args.out)
+        return module.run(args.out, model_name=args.model)
     if suite == "varlen":
-        return decode.run_varlen(args.out)
-    if suite == "vit":
-        return vit.run(args.out)
-    return demo.run(args.out)
+        return module.run_varlen(args.out)
+    return module.run(args.out)
 
 
 def _tune(args) -> int:
-    from . import tune
+    from . import calibration, tune
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sweep = None
     if args.quick:
-        base = tune.GPU_SWEEP if torch.cuda.is_available() else tune.CPU_SWEEP
+        base = tune.GPU_SWEEP if device.type == "cuda" else tune.CPU_SWEEP
         sweep = dict(base, head_dims=base["head_dims"][-1:], dtypes=base["dtypes"][-1:], seqlens=base["seqlens"][::2])
-    path, data = tune.run(sweep=sweep, out_path=args.out)
+    try:
+        path, data = tune.run(device, sweep=sweep, out_path=args.out)
+    except KeyboardInterrupt:
+        print("\nInterrupted before any entry was finished: no calibration written.")
+        return INTERRUPTED
     print(tune.summarize(data))
-    print(f"calibration written to {path}; backend='auto' uses it from now on")
+    read_by_auto = calibration.user_path(calibration.device_name(device))
+    if Path(path).resolve() == read_by_auto.resolve():
+        print(f"calibration written to {path}; backend='auto' uses it from now on (`tileattn info` shows it)")
+    else:
+        print(f"calibration written to {path}. backend='auto' reads only {read_by_auto}: to use this one, copy "
+              f"it there (cp {path} {read_by_auto}), or run `tileattn tune` without --out.")
+    if data["measured_with"].get("interrupted"):
+        print("Interrupted: only the entries finished before Ctrl-C were written.")
+        return INTERRUPTED
     return 0
 
 
 def _plot(args) -> int:
     from .bench import plots
 
+    status = 0
     for path in args.results:
-        for png in plots.plot(path):
+        try:
+            pngs = plots.plot(path)
+        except plots.ResultsError as exc:
+            print(f"tileattn plot: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        for png in pngs:
             print(png)
-    return 0
+    return status
 
 
 def main(argv=None) -> int:
@@ -109,21 +154,30 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark suite (default: e2e, the article's table; on a machine "
                                          "without a GPU a small CPU configuration)")
-    bench.add_argument("suite", nargs="?", choices=[*SUITES, "all"], help="default: e2e")
-    bench.add_argument("--model", choices=sorted(MODELS), help="e2e model (default: llama-7b on a GPU, llama-tiny on CPU)")
-    bench.add_argument("--out", default="tileattn-bench", help="folder for JSON, markdown and PNG results")
+    bench.add_argument("suite", nargs="?", choices=[*SUITES, "all"], help="default: e2e; all: every suite but demo "
+                                                                          "that this machine can run")
+    bench.add_argument("--model", choices=sorted(MODELS), help="e2e model (default: llama-7b on a GPU, llama-tiny on "
+                                                               "CPU; a model the device cannot run in reasonable "
+                                                               "memory or time is refused with an estimate)")
+    bench.add_argument("--out", default="tileattn-bench", help="folder for JSON, markdown and PNG results "
+                                                               "(default: ./tileattn-bench)")
     bench.set_defaults(func=_bench)
     tune = sub.add_parser("tune", help="measure backend crossovers on this device for backend='auto'")
     tune.add_argument("--quick", action="store_true", help="one head_dim and dtype, every other length")
-    tune.add_argument("--out", type=Path, help="write here instead of the user's cache dir")
+    tune.add_argument("--out", type=Path, help="write here instead of the file backend='auto' reads (see "
+                                               "`tileattn info`)")
     tune.set_defaults(func=_tune)
     info = sub.add_parser("info", help="versions, device, usable backends and the calibration in use")
     info.set_defaults(func=_info)
     plot = sub.add_parser("plot", help="draw the PNG plots of results JSON files")
-    plot.add_argument("results", nargs="+", help="JSON files written by tileattn bench")
+    plot.add_argument("results", nargs="+", help="JSON files written by tileattn bench, e.g. tileattn-bench/*.json")
     plot.set_defaults(func=_plot)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # outside a suite's measuring loop (which keeps its results itself)
+        print("\nInterrupted.", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
