@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("e2e", "kernels", "decode", "varlen", "vit", "overhead", "demo")
-ALL = ("e2e", "kernels", "decode", "varlen", "vit", "overhead")  # `bench all`: every suite but the CPU demo
-GPU_ONLY = ("kernels", "decode", "varlen")
+SUITES = ("e2e", "kernels", "decode", "varlen", "longctx", "vit", "overhead", "demo")
+ALL = ("e2e", "kernels", "decode", "varlen", "longctx", "vit", "overhead")  # `bench all`: every suite but the CPU demo
+GPU_ONLY = ("kernels", "decode", "varlen", "longctx")
 INTERRUPTED = 130
 
 

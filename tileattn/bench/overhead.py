@@ -13,7 +13,8 @@ Two tables:
   is run when speed matters).
 
 Implementations are timed round-robin within each repeat (so a noisy moment hits all of them) and reported as
-the median with min-max. On CPU the first table uses small fp32 shapes and the generation rows a 2-layer model;
+the median with the interquartile range. On CPU the first table uses small fp32 shapes (whole calls: PyTorch
+computes there) and the generation rows a 2-layer model;
 what needs CUDA is listed as skipped.
 """
 
@@ -25,10 +26,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .report import Progress, environment, markdown_table, write_results
+from .report import (Interruptible, Progress, environment, flag_notes, interleaved_timings, markdown_table, timing_cell,
+                     write_results)
 
 CALLS_PER_REPEAT = 300
-REPEATS = 7
+REPEATS = 11
 
 
 def _host_us(fn, device, calls) -> float:
@@ -51,15 +53,6 @@ def _wall_ms(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
-
-
-def round_robin(fns: dict, measure, repeats: int) -> dict:
-    """``measure(fn)`` of every named function, ``repeats`` times in turn; per name: median, min, max."""
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(measure(fn))
-    return {name: dict(median=sorted(s)[len(s) // 2], min=min(s), max=max(s)) for name, s in samples.items()}
 
 
 def host_cases(device):
@@ -140,11 +133,10 @@ def host_cases(device):
 def measure_host(device, progress=None) -> list[dict]:
     rows = []
     for case, fns in host_cases(device):
-        stats = round_robin(fns, lambda fn: _host_us(fn, device, CALLS_PER_REPEAT), REPEATS)
-        sdpa = stats["sdpa"]["median"]
-        for name, s in stats.items():
-            rows.append(dict(kind="host", case=case, impl=name, us=s["median"], us_min=s["min"], us_max=s["max"],
-                             vs_sdpa=s["median"] / sdpa))
+        timings = interleaved_timings(fns, REPEATS, time_one=lambda fn: _host_us(fn, device, CALLS_PER_REPEAT))
+        sdpa = timings["sdpa"].median
+        for name, t in timings.items():
+            rows.append(dict(kind="host", case=case, impl=name, **t.fields("us"), vs_sdpa=t.median / sdpa))
         if progress:
             progress.step(case)
     return rows
@@ -178,41 +170,59 @@ def measure_generate(device, progress=None, caches=("dynamic", "static")) -> lis
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **options)
 
-        def step_ms(impl):
-            e2e.use(model, impl)
-            generate(2)  # warm-up (and compilation with a static cache)
+        def step_ms(_):
             return (_wall_ms(lambda: generate(NEW_TOKENS + 1), device) - _wall_ms(lambda: generate(1), device)) / NEW_TOKENS
 
-        impls = {impl: impl for impl in ("eager", "sdpa", "tileattn")}
+        warm_up = {impl: (lambda: generate(2)) for impl in ("eager", "sdpa", "tileattn")}  # compiles if static
         with contextlib.suppress(torch.cuda.OutOfMemoryError):
-            stats = round_robin(impls, step_ms, 3)
-            for impl, s in stats.items():
+            timings = interleaved_timings(warm_up, 3, time_one=step_ms, before=lambda impl: e2e.use(model, impl))
+            for impl, t in timings.items():
                 rows.append(dict(kind="generate", batch=batch, prompt=prompt, cache=cache, impl=impl,
-                                 ms_per_step=s["median"], ms_min=s["min"], ms_max=s["max"],
-                                 tokens_per_s=batch * 1e3 / s["median"]))
+                                 **t.fields("ms_per_step"), tokens_per_s=batch * 1e3 / t.median))
         if progress:
             progress.step(f"generate B={batch} prompt={prompt} {cache} cache")
+    if on_gpu and "dynamic" in caches:  # the short prefill, where a call's host time shows in a whole forward
+        ids = torch.randint(3, spec["shape"]["vocab_size"], (1, 512), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+
+        def forward():
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+
+        timings = interleaved_timings({impl: forward for impl in ("eager", "sdpa", "tileattn")}, 9,
+                                      time_one=lambda fn: _wall_ms(fn, device), before=lambda impl: e2e.use(model, impl))
+        for impl, t in timings.items():
+            rows.append(dict(kind="prefill", batch=1, prompt=512, impl=impl, **t.fields("ms")))
     return rows
 
 
 def summarize(rows, device) -> str:
     host = [r for r in rows if r["kind"] == "host"]
-    parts = ["Host time per call (us; median of %d repeats of %d calls, min-max), implementations interleaved; "
-             "ratio to the SDPA call of the same case:\n\n" % (REPEATS, CALLS_PER_REPEAT)
-             + markdown_table(["case", "implementation", "us/call", "min-max", "vs sdpa"],
-                              [[r["case"], r["impl"], r["us"], f"{r['us_min']:.1f}-{r['us_max']:.1f}", r["vs_sdpa"]]
-                               for r in host])]
+    parts = [f"Host time per call (us over {CALLS_PER_REPEAT} calls between two synchronizations, tiny GPU work); "
+             "ratio of medians to the SDPA call of the same case:\n\n"
+             + markdown_table(["case", "implementation", "us/call", "vs sdpa"],
+                              [[r["case"], r["impl"], timing_cell(r["us"], r["us_q1"], r["us_q3"], r["noisy"]),
+                                r["vs_sdpa"]] for r in host]) + flag_notes(host, "tileattn bench overhead", REPEATS)]
     gen = [r for r in rows if r["kind"] == "generate"]
     if gen:
-        parts.append(f"Transformers generate(), decode ms per step ({NEW_TOKENS} steps, prefill excluded; median of 3, "
-                     "min-max), GQA 32/8 LLaMA shape, random weights; static = static cache, compiled with CUDA "
-                     "graphs by Transformers:\n\n"
-                     + markdown_table(["batch", "prompt", "cache", "implementation", "ms/step", "min-max", "tokens/s"],
-                                      [[r["batch"], r["prompt"], r["cache"], r["impl"], r["ms_per_step"],
-                                        f"{r['ms_min']:.2f}-{r['ms_max']:.2f}", r["tokens_per_s"]] for r in gen]))
+        parts.append(f"Transformers generate(), decode ms per step ({NEW_TOKENS} steps, prefill excluded; median of 3), "
+                     "GQA 32/8 LLaMA shape, random weights; static: a static cache, which Transformers compiles "
+                     "(CUDA graphs):\n\n"
+                     + markdown_table(["batch", "prompt", "cache", "implementation", "ms/step", "tokens/s"],
+                                      [[r["batch"], r["prompt"], r["cache"], r["impl"],
+                                        timing_cell(r["ms_per_step"], r["ms_per_step_q1"], r["ms_per_step_q3"],
+                                                    r["noisy"]), r["tokens_per_s"]] for r in gen])
+                     + flag_notes(gen, "tileattn bench overhead", 3))
+    prefill = [r for r in rows if r["kind"] == "prefill"]
+    if prefill:
+        sdpa = next(r["ms"] for r in prefill if r["impl"] == "sdpa")
+        parts.append("The same model's prefill of 512 tokens at batch 1 (no cache; median of 9):\n\n"
+                     + markdown_table(["implementation", "ms", "speedup vs sdpa"],
+                                      [[r["impl"], timing_cell(r["ms"], r["ms_q1"], r["ms_q3"], r["noisy"]),
+                                        sdpa / r["ms"]] for r in prefill]))
     if device.type != "cuda":
-        parts.append("Skipped without CUDA: the LLaMA-7B generate() rows and the static-cache (CUDA graph) rows; "
-                     "the Triton kernels (the interpreter is a test tool, not a timing).")
+        parts.append("On CPU the first table times whole calls (PyTorch computes there; no launch to hide). Skipped "
+                     "without CUDA: the LLaMA-7B generate() and prefill rows and the static-cache (CUDA graph) rows.")
     return "\n".join(parts)
 
 
@@ -222,8 +232,8 @@ def run(out_dir, progress=None, generate=True):
     progress = progress or Progress(6 + (len(GENERATE_SHAPES[device.type]) + (device.type == "cuda")) * generate,
                                     "overhead")
     rows = []
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C keeps what was measured
+    with Interruptible() as run_state:  # Ctrl-C keeps what was measured
         rows += measure_host(device, progress)
         if generate:
             rows += measure_generate(device, progress)
-    return write_results(out_dir, "overhead", env, rows, summarize(rows, device))
+    return write_results(out_dir, "overhead", env, rows, summarize(rows, device), interrupted=run_state.interrupted)
