@@ -96,4 +96,4 @@ def summarize(rows) -> str:
             "prefill; ms median [IQR] over interleaved repeats (CUDA events); +GiB: peak memory beyond the inputs. "
             "An implementation missing from a row could not run the shape.\n\n"
             + markdown_table(["kind", "heads q/kv", "tokens", "implementation", "ms", "rate", "+GiB"], table)
-            + flag_notes(rows, "tileattn bench longctx", REPEATS))
+            + "\n" + flag_notes(rows, "tileattn bench longctx", REPEATS))

@@ -202,7 +202,7 @@ def summarize(rows, device) -> str:
              "ratio of medians to the SDPA call of the same case:\n\n"
              + markdown_table(["case", "implementation", "us/call", "vs sdpa"],
                               [[r["case"], r["impl"], timing_cell(r["us"], r["us_q1"], r["us_q3"], r["noisy"]),
-                                r["vs_sdpa"]] for r in host]) + flag_notes(host, "tileattn bench overhead", REPEATS)]
+                                r["vs_sdpa"]] for r in host]) + "\n" + flag_notes(host, "tileattn bench overhead", REPEATS)]
     gen = [r for r in rows if r["kind"] == "generate"]
     if gen:
         parts.append(f"Transformers generate(), decode ms per step ({NEW_TOKENS} steps, prefill excluded; median of 3), "
@@ -212,7 +212,7 @@ def summarize(rows, device) -> str:
                                       [[r["batch"], r["prompt"], r["cache"], r["impl"],
                                         timing_cell(r["ms_per_step"], r["ms_per_step_q1"], r["ms_per_step_q3"],
                                                     r["noisy"]), r["tokens_per_s"]] for r in gen])
-                     + flag_notes(gen, "tileattn bench overhead", 3))
+                     + "\n" + flag_notes(gen, "tileattn bench overhead", 3))
     prefill = [r for r in rows if r["kind"] == "prefill"]
     if prefill:
         sdpa = next(r["ms"] for r in prefill if r["impl"] == "sdpa")

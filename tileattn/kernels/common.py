@@ -168,31 +168,6 @@ def finalize(acc, m_i, l_i):
 
 
 @triton.jit
-def accumulate_values(acc, p, v, s, CHECK_VALUES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + p @ v``, where a key whose logit ``s`` is ``-inf`` (hidden from that row) contributes nothing even if
-    its value is NaN or Inf: a plain product would spread ``0 * NaN = NaN`` to rows that never see the key.
-    ``CHECK_VALUES`` (tiles where rows may see different keys): if the tile holds a non-finite value, multiply
-    the finite part and give each row, per column, what IEEE arithmetic gives over the keys it sees (the rule of
-    ``reference.weighted_values``): NaN for a NaN, for ``0 * inf`` or where both infinities meet, else the
-    infinity a positive weight carries. Tiles of finite values, the common case, cost one reduction."""
-    if CHECK_VALUES:
-        finite = (v == v) & (tl.abs(v) != float("inf"))
-        if tl.min(finite.to(tl.int32)) == 0:
-            present = s != float("-inf")
-            positive = p > 0.0
-            nans = (tl.dot(present.to(v.dtype), (v != v).to(v.dtype), input_precision=DOT_PRECISION)
-                    + tl.dot((present & ~positive).to(v.dtype), (tl.abs(v) == float("inf")).to(v.dtype),
-                             input_precision=DOT_PRECISION))
-            pos = tl.dot(positive.to(v.dtype), (v == float("inf")).to(v.dtype), input_precision=DOT_PRECISION)
-            neg = tl.dot(positive.to(v.dtype), (v == -float("inf")).to(v.dtype), input_precision=DOT_PRECISION)
-            special = tl.where((nans > 0) | ((pos > 0) & (neg > 0)), float("nan"),
-                               tl.where(pos > 0, float("inf"), tl.where(neg > 0, -float("inf"), 0.0)))
-            return tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), acc,
-                          input_precision=DOT_PRECISION) + special
-    return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def _attend_key_blocks(
     acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
     start_n, end_n, q_pos, offs_n, offs_d,
@@ -247,7 +222,7 @@ def _attend_key_blocks(
                          s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
-        acc = accumulate_values(acc * alpha[:, None], p, v, s, EDGE or MASK_KIND != MASK_NONE, DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 
