@@ -128,3 +128,13 @@ def test_the_e2e_serving_loop_passes_the_cache_without_deprecation_warnings():
             e2e.workload(model, spec, ("requests",), torch.device("cpu"), splits)()
     assert not [str(w.message) for w in caught]
     assert len(splits) == 2
+
+
+def test_decode_plot_with_equal_cache_sizes(tmp_path):
+    """Decode rows are plotted against B x L, and different shapes can hold as many tokens: no crash on ties."""
+    t = Timing((10.0, 11.0, 10.0))
+    rows = [dict(impl="tileattn", kv_heads=8, batch=b, seqlen=s, tb_per_s=2.5, **t.fields("us"))
+            for b, s in ((64, 4096), (8, 32768), (1, 16384))]
+    path = tmp_path / "decode-test.json"
+    path.write_text(json.dumps({"suite": "decode", "environment": {"device": "test"}, "rows": rows}))
+    assert plots.plot(path)

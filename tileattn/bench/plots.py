@@ -106,7 +106,7 @@ def plot(json_path) -> list[Path]:
         for ax, panel in zip(axes[0], panels):
             sel = [r for r in rows if tuple(r.get(k) for k in panel_keys) == panel and r.get(key) is not None]
             for impl in dict.fromkeys(r["impl"] for r in sel):
-                points = sorted((length(r), r) for r in sel if r["impl"] == impl)
+                points = sorted(((length(r), r) for r in sel if r["impl"] == impl), key=lambda point: point[0])
                 xs, ys = [x for x, _ in points], [r[key] for _, r in points]
                 bars = ([error_bar(r, key, timing_key, is_rate) for _, r in points] if key == metric
                         else [(0.0, 0.0)] * len(points))
