@@ -5,6 +5,7 @@ the GPU and adds bf16.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -227,3 +228,15 @@ def test_mismatched_devices():
         tileattn.attention(q, k.cpu(), v)
     with pytest.raises(ValueError, match="mask must be on q's device"):
         tileattn.attention(q, k, v, mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_triton_says_it_has_no_backward():
+    """Until the backward exists, a Triton call on inputs that require grad warns (its output has no grad_fn)."""
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16, dtype=torch.float32, device=DEVICE)
+    q.requires_grad_(True)
+    with pytest.warns(UserWarning, match="no backward yet"):
+        out = tileattn.attention(q, k, v, backend="triton")
+    assert out.grad_fn is None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tileattn.attention(q, k, v, backend="triton")

@@ -305,3 +305,54 @@ def test_fit_config():
     assert fit_config(_DECODE_CONFIG, 16, 256, 4, False, h100) == (32, 4, 3)
     assert fit_config(_DECODE_CONFIG, 64, 128, 4, True, h100) == (32, 4, 3)
     assert fit_config(_DECODE_CONFIG, 64, 256, 4, True, 100 * 1024) == (16, 4, 1)  # a small GPU: stages go last
+
+
+def test_paged_append_names_the_layout():
+    cache = PagedKVCache(num_pages=4, page_size=4, kv_heads=2, head_dim=32, max_seqs=1, max_pages_per_seq=4)
+    seq = cache.add_sequence()
+    with pytest.raises(ValueError, match=r"k must be \[kv_heads=2, n, head_dim=32\].*transpose\(0, 1\).*\(40, 2, 32\)"):
+        cache.append(seq, torch.randn(40, 2, 32, dtype=torch.float16), torch.randn(40, 2, 32, dtype=torch.float16))
+    assert cache.length(seq) == 0 and cache.num_free_pages == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["in order", "reversed"])  # consecutive slots (sliced views) or a gather
+def test_paged_cache_attention_step(backend, order):
+    """``PagedKVCache.attention``: reserve, write and attend in one call (decode and chunked prefill), then count
+    the tokens; the same as doing it by hand, and all or nothing when pages run out."""
+    cache = PagedKVCache(num_pages=9, page_size=8, kv_heads=2, head_dim=32, max_seqs=3, max_pages_per_seq=4,
+                         dtype=torch.float16, device=DEVICE)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    for seq, n in zip(seqs, (9, 1, 15)):
+        cache.append(seq, *(torch.randn(2, n, 32, device=DEVICE, dtype=torch.float16) for _ in range(2)))
+    seqs = seqs if order == "in order" else seqs[::-1]
+    for sq in (1, 3, 1):
+        q = torch.randn(3, 4, sq, 32, device=DEVICE, dtype=torch.float16)
+        k_new, v_new = (torch.randn(3, 2, sq, 32, device=DEVICE, dtype=torch.float16) for _ in range(2))
+        before = [cache.length(s) for s in seqs]
+        out, lse = cache.attention(seqs, q, k_new=k_new, v_new=v_new, return_lse=True, backend=backend)
+        assert [cache.length(s) for s in seqs] == [n + sq for n in before]
+        args = cache.kernel_args(seqs)
+        assert args["cache_seqlens"].tolist() == [n + sq for n in before]
+        check_against_oracle(out, lse, q, args["k_cache"], args["v_cache"], [n + sq for n in before],
+                             args["block_table"], causal=True)
+    free, lengths = cache.num_free_pages, [cache.length(s) for s in seqs]
+    q, k_new = torch.zeros(3, 4, 12, 32, device=DEVICE, dtype=torch.float16), torch.zeros(3, 2, 12, 32, device=DEVICE,
+                                                                                          dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="out of pages"):  # 5 more pages needed, 3 free
+        cache.attention(seqs, q, k_new=k_new, v_new=k_new)
+    with pytest.raises(ValueError, match="k_new must be"):  # refused by attention_with_kvcache after reserving
+        cache.attention(seqs, q[:, :, :2], k_new=k_new[:, :, :1], v_new=k_new[:, :, :1])
+    assert cache.num_free_pages == free and [cache.length(s) for s in seqs] == lengths
+
+
+def test_unchecked_lengths_stay_inside_the_cache():
+    """check_bounds=False with a length past the cache: clamped to the capacity (no read or write outside)."""
+    q, k_new, v_new = random_qkv(2, 4, 2, 1, 1, 32, dtype=torch.float32, device=DEVICE)
+    store = torch.zeros(3, 2, 16, 32, device=DEVICE)  # row 2 is a guard that must not change
+    k_cache, v_cache = store[:2], torch.randn(2, 2, 16, 32, device=DEVICE)
+    lengths = torch.tensor([16, 40], dtype=torch.int32, device=DEVICE)
+    out = tileattn.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new=k_new, v_new=v_new, check_bounds=False,
+                                          backend="triton")
+    assert (store[2] == 0).all() and torch.isfinite(out).all()
+    assert_matches_oracle(out, q, k_cache, v_cache, causal=True)

@@ -13,7 +13,7 @@ import tileattn
 from tileattn.kernels import launch
 from tileattn.testing import assert_matches_oracle, random_qkv
 
-from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
+from conftest import DEVICE, KERNEL_DTYPES
 
 triton_specialize = pytest.importorskip("triton._C.libtriton").native_specialize_impl
 BaseBackend = pytest.importorskip("triton.backends.compiler").BaseBackend

@@ -167,12 +167,19 @@ class PagedKVCache:
         if new and sum(max(0, -(-(self._lengths[s] + new) // self.page_size) - len(self._pages[s])) for s in seqs) \
                 > len(self._free_pages):
             raise RuntimeError(f"out of pages: {len(seqs)} sequences need more than the {len(self._free_pages)} free")
+        held = {seq: len(self._pages[seq]) for seq in seqs}
         for seq in seqs:
             self.reserve(seq, new)
         rows = self._rows(seqs)
-        result = attention_with_kvcache(q, self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2),
-                                        self.seqlens[rows], block_table=self.block_table[rows], k_new=k_new,
-                                        v_new=v_new, check_bounds=False, **options)
+        try:
+            result = attention_with_kvcache(q, self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2),
+                                            self.seqlens[rows], block_table=self.block_table[rows], k_new=k_new,
+                                            v_new=v_new, check_bounds=False, **options)
+        except Exception:  # a call attention_with_kvcache refuses changes nothing: give back the pages reserved
+            for seq, count in held.items():
+                while len(self._pages[seq]) > count:
+                    self._free_pages.append(self._pages[seq].pop())
+            raise
         if new:
             for seq in seqs:
                 self._lengths[seq] += new
