@@ -356,3 +356,31 @@ def test_unchecked_lengths_stay_inside_the_cache():
                                           backend="triton")
     assert (store[2] == 0).all() and torch.isfinite(out).all()
     assert_matches_oracle(out, q, k_cache, v_cache, causal=True)
+
+
+def test_strided_lengths_and_page_table():
+    """cache_seqlens and block_table taken as strided views (columns of bigger tensors) read like contiguous ones."""
+    page_size, pages = 16, 6
+    k_pool, v_pool = (torch.randn(pages, 2, page_size, 32, device=DEVICE) for _ in range(2))
+    table = torch.stack([torch.randperm(pages, device=DEVICE)[:3].to(torch.int32) for _ in range(2)])
+    wide_table = torch.zeros(2, 6, dtype=torch.int32, device=DEVICE)
+    wide_table[:, ::2] = table
+    wide_lengths = torch.tensor([[40, 0], [17, 0]], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 4, 1, 32, device=DEVICE)
+    expected = tileattn.attention_with_kvcache(q, k_pool, v_pool, wide_lengths[:, 0].contiguous(), block_table=table,
+                                               backend="torch")
+    for backend in BACKENDS:
+        out = tileattn.attention_with_kvcache(q, k_pool, v_pool, wide_lengths[:, 0], block_table=wide_table[:, ::2],
+                                              backend=backend)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_kvcache_lengths_past_the_cache_on_the_torch_path():
+    from tileattn import flash_attn_compat
+
+    q = torch.randn(2, 1, 4, 32)
+    k_cache, v_cache = torch.randn(2, 16, 2, 32), torch.randn(2, 16, 2, 32)
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        flash_attn_compat.flash_attn_with_kvcache(q, k_cache, v_cache, torch.randn(2, 1, 2, 32),
+                                                  torch.randn(2, 1, 2, 32),
+                                                  cache_seqlens=torch.tensor([16, 3], dtype=torch.int32))

@@ -73,9 +73,11 @@ def test_paged_pool_past_2_31():
     num_pages = (2**31) // (page_size * HKV * D) + 600  # the pool holds more than 2^31 elements
     pool_k = torch.randn(num_pages, page_size, HKV, D, device="cuda", dtype=torch.bfloat16)
     pool_v = torch.randn_like(pool_k)
-    pages = torch.randperm(num_pages, device="cuda")[:1000]
-    pages[-10:] = torch.arange(num_pages - 10, num_pages, device="cuda")  # the last pages are the farthest
+    # Distinct pages, each sequence's last ones (where its new token goes) the farthest in the pool.
+    pages = torch.randperm(num_pages - 20, device="cuda")[:1000]
     table = pages.to(torch.int32).view(2, 500)
+    table[0, 490:] = torch.arange(num_pages - 10, num_pages, device="cuda", dtype=torch.int32)
+    table[1, 291:301] = torch.arange(num_pages - 20, num_pages - 10, device="cuda", dtype=torch.int32)
     lengths = torch.tensor([500 * page_size - 7, 300 * page_size + 3], dtype=torch.int32, device="cuda")
     q = torch.randn(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     k_new, v_new = torch.randn(2, 2, HKV, 1, D, device="cuda", dtype=torch.bfloat16)

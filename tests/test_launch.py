@@ -39,6 +39,8 @@ def test_int_classes_match_triton():
     assert len(seen) == 3  # equal to 1, divisible by 16, neither
     for value in (2**31, -(2**31) - 1, 2**40):
         assert triton_key(value)[0] == "i64" and launch.int_classes([3, value]) is None
+    for flag in (True, False):  # bools are u1 arguments to Triton, never an int's class
+        assert triton_key(flag)[0] == "u1" and launch.int_classes([flag]) not in (launch.int_classes([int(flag)]),)
 
 
 def test_tensor_classes_match_triton():
@@ -127,7 +129,8 @@ def test_alternating_specializations_against_oracle(dtype):
                 q, k, v = _misaligned(q), _misaligned(k), _misaligned(v)
             out, lse = tileattn.attention(q, k, v, causal=True, return_lse=True, backend="triton")
             assert_matches_oracle(out, q, k, v, lse=lse, causal=True)
-        # Cache appends and decode over a cache whose row stride is or is not a multiple of 16.
+        # Cache appends and decode over a cache whose capacity is or is not a multiple of 16, in one launch and
+        # split in two (the last split merges through the reused workspace).
         q, k_new, v_new = random_qkv(2, 4, 2, 1, 1, 32, dtype=dtype, device=DEVICE)
         cache_len = 16 * 3 + (0 if sk % 16 == 0 else 1)
         k_cache = torch.randn(2, 2, cache_len, 32, dtype=dtype, device=DEVICE)
@@ -136,7 +139,7 @@ def test_alternating_specializations_against_oracle(dtype):
             k_cache, v_cache = _misaligned(k_cache), _misaligned(v_cache)
         lengths = torch.tensor([min(sk, cache_len - 1), 0], dtype=torch.int32, device=DEVICE)
         out = tileattn.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new=k_new, v_new=v_new,
-                                              check_bounds=False, backend="triton")
+                                              check_bounds=False, num_splits=1 + (sk % 2), backend="triton")
         for b in range(2):
             n = int(lengths[b]) + 1
             assert torch.equal(k_cache[b, :, n - 1], k_new[b, :, 0]) and torch.equal(v_cache[b, :, n - 1], v_new[b, :, 0])

@@ -225,13 +225,16 @@ def attention_with_kvcache(
         check_bounds: read ``cache_seqlens`` and ``block_table`` on the host to check that every sequence fits
             its cache and every page id exists (a device sync). Skipped inside CUDA-graph capture and
             torch.compile; a serving loop whose own bookkeeping guarantees it (``PagedKVCache``) may pass False.
+            Without the check the Triton kernel clamps lengths to the cache (never reads or writes outside it;
+            page ids are trusted); the PyTorch backends always check (they read the lengths on the host anyway).
         Other options as in :func:`attention`.
     Returns:
         ``out [B, Hq, Sq, D]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
     """
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                             softcap, return_lse, num_splits, backend)
-    if check_bounds and _may_read_device_values():
+    # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
+    if (check_bounds or call.backend != "triton") and _may_read_device_values():
         _check_cache_bounds(k_cache, cache_seqlens, call.new_tokens, block_table)
     if call.backend == "triton":
         from . import ops

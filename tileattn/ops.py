@@ -57,7 +57,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
            num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                                 window=(window_left, window_right), scale=scale, softcap=softcap or None, mask=mask,
-                                return_lse=return_lse, num_splits=num_splits)
+                                return_lse=return_lse, num_splits=num_splits, reuse_workspace=False)
     return out, _lse_or_empty(lse, q)
 
 

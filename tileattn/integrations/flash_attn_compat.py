@@ -68,9 +68,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``, ``[num_blocks, block_size, Hkv, D]``;
     ``k``/``v`` ``[B, Sq, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending.
 
-    As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted: they are not read back to the host (a
-    device sync per call); a length past the cache's capacity is clamped to it, never read or written beyond.
-    ``tileattn.attention_with_kvcache`` checks them by default."""
+    As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted on the GPU: they are not read back to the
+    host (a device sync per call); a length past the cache's capacity is clamped to it, never read or written
+    beyond. The PyTorch paths (CPU) check them. ``tileattn.attention_with_kvcache`` checks them by default."""
     if rotary_cos is not None or rotary_sin is not None or cache_batch_idx is not None or cache_leftpad is not None:
         for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
                             ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
@@ -82,7 +82,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes are not supported by tileattn")
-    window = None if window_size == (-1, -1) or tuple(window_size) == (-1, -1) else tuple(window_size)
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
     result = api.attention_with_kvcache(
         q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
         k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),

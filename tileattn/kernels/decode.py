@@ -288,15 +288,16 @@ def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, pag
 
 class _Workspace:
     """Per (device, stream): the split kernel's fp32 partial results and its per-tile counters of finished splits
-    (all zero between launches: the last split of each tile zeroes its counter). Reused across calls, grown as
-    needed. Launches on one stream run in order, so one set per stream suffices; inside CUDA-graph capture each
-    call gets its own (the counters' zeroing is then captured too)."""
+    (all zero between launches: the last split of each tile zeroes its counter). Reused across eager calls on a
+    GPU, grown as needed (:func:`release_workspaces` frees them). Launches on one stream run in order, so one set
+    per stream suffices. Inside CUDA-graph capture, under torch.compile (whose CUDA-graph trees own the memory
+    of what runs in them) and in the interpreter each call gets its own."""
 
     _by_stream: dict = {}
 
     @classmethod
-    def get(cls, device, floats: int, tiles: int):
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    def get(cls, device, floats: int, tiles: int, reuse: bool = True):
+        if not reuse or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return (torch.empty(floats, device=device, dtype=torch.float32),
                     torch.zeros(tiles, device=device, dtype=torch.int32))
         key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0)
@@ -309,9 +310,14 @@ class _Workspace:
         return found
 
 
+def release_workspaces() -> None:
+    """Free the reusable split workspaces (they are allocated again by the next call that needs one)."""
+    _Workspace._by_stream.clear()
+
+
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
-    mask=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None,
+    mask=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None, reuse_workspace=True,
 ):
     """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys, in one launch.
 
@@ -331,9 +337,15 @@ def decode_attention(
             so a padding mask ``[B, capacity]`` is passed as a stride-0 view over heads and queries.
         num_splits: key splits per sequence; 0 chooses from batch, heads, capacity and SM count.
         config: ``(block_n, num_warps, num_stages)`` instead of the default.
+        reuse_workspace: keep the split workspace for the next call (False: allocate one for this call only).
     Returns:
         ``(out [B, Hq, Sq, D] like q, lse fp32 [B, Hq, Sq] or None)``.
     """
+    # The kernel reads one length per sequence and a row of page ids at unit stride.
+    if cache_seqlens is not None and cache_seqlens.stride(0) != 1:
+        cache_seqlens = cache_seqlens.contiguous()
+    if block_table is not None and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
     key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
@@ -352,7 +364,7 @@ def decode_attention(
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
     workspace = splits_done = q  # placeholders, never read with one split
     if num_splits > 1:
-        workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles)
+        workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles, reuse_workspace)
     if mask is None:
         mask = q
     elif mask.dtype == torch.bool:

@@ -32,11 +32,12 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def int_classes(values) -> tuple | None:
-    """Triton's specialization class of each int: 2 = equal to 1, 1 = divisible by 16, 0 = neither; None when one
-    needs 64 bits. (2, not 1, marks "equal to 1": 1 and True hash alike.)"""
+    """Triton's specialization class of each int: 2 = equal to 1, 1 = divisible by 16, 0 = neither, 3 = a bool
+    (Triton passes bools as u1, not as ints); None when one needs 64 bits. (2, not 1, marks "equal to 1": 1 and
+    True hash alike.)"""
     if values and (max(values) > _INT32_MAX or min(values) < _INT32_MIN):
         return None
-    return tuple([2 if v == 1 else 0 if v % 16 else 1 for v in values])
+    return tuple([3 if type(v) is bool else 2 if v == 1 else 0 if v % 16 else 1 for v in values])
 
 
 def tensor_classes(tensors) -> tuple:

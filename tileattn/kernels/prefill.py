@@ -196,6 +196,7 @@ def prefill_attention_varlen(
     def bhsd(t):  # token-major strides as (batch = 0, head, token, dim): sequences are offsets on the token axis
         return (0, t.stride(1), t.stride(0), t.stride(2))
 
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # read at unit stride
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32) if return_lse else out
     lse_strides = (0, lse.stride(0), lse.stride(1)) if return_lse else (0, 0, 0)
