@@ -240,3 +240,15 @@ def test_triton_says_it_has_no_backward():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         tileattn.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("bad", [dict(causal=1), dict(window=(1.0, 2)), dict(window=(True, 2)), dict(scale=True),
+                                 dict(softcap=True), dict(scale=float("nan"))])
+def test_a_cached_signature_lets_no_invalid_option_through(bad):
+    """Validated calls are cached by signature; a value that compares equal to a valid one (1 == True == 1.0)
+    must still be checked."""
+    q, k, v = random_qkv(1, 2, 2, 5, 9, 16, dtype=torch.float32, device=DEVICE)
+    good = dict(causal=True, window=(1, 2), scale=1.0, softcap=1.0)
+    tileattn.attention(q, k, v, **good, backend="torch")
+    with pytest.raises((TypeError, ValueError)):
+        tileattn.attention(q, k, v, **{**good, **bad}, backend="torch")

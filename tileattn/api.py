@@ -106,12 +106,24 @@ _OPTION_TYPES = (type(None), int, float)
 _WINDOW_TYPES = (type(None), int)
 
 
+def _plain_options(causal, scale, window, softcap) -> bool:
+    """Whether the options have the exact types the checks accept for caching (1, True and 1.0 hash alike: a key
+    must not let a value of another type skip its check)."""
+    return (type(causal) is bool and type(scale) in _OPTION_TYPES and type(softcap) in _OPTION_TYPES
+            and (window is None or (type(window) is tuple and len(window) == 2 and type(window[0]) in _WINDOW_TYPES
+                                    and type(window[1]) in _WINDOW_TYPES)))
+
+
+def _remember(key, call):
+    if len(_prepared) >= dispatch.MAX_CACHED_DECISIONS:
+        _prepared.clear()
+    _prepared[key] = call
+
+
 def _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend):
     if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and type(causal) is bool and type(scale) in _OPTION_TYPES and type(softcap) in _OPTION_TYPES
-            and (window is None or (type(window) is tuple and len(window) == 2 and type(window[0]) in _WINDOW_TYPES
-                                    and type(window[1]) in _WINDOW_TYPES))
-            and (mask is None or type(mask) is torch.Tensor)) or torch.compiler.is_compiling():
+            and (mask is None or type(mask) is torch.Tensor) and _plain_options(causal, scale, window, softcap)) \
+            or torch.compiler.is_compiling():
         return None
     return (backend, causal, scale, window, softcap, bool(return_lse), q.shape, k.shape, v.shape, q.dtype, k.dtype,
             v.dtype, q.device, k.device, v.device, q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
@@ -128,9 +140,7 @@ def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse
         call = _Call(scale, window, softcap, bool(return_lse), (b, hq, sq, k.shape[2]), chosen,
                      dispatch.decode_shaped(q, k), b == 0 or sq == 0 or k.shape[2] == 0)
         if key is not None:
-            if len(_prepared) >= dispatch.MAX_CACHED_DECISIONS:
-                _prepared.clear()
-            _prepared[key] = call
+            _remember(key, call)
     return call
 
 
@@ -270,10 +280,8 @@ def _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
     tensors = (q, k_cache, v_cache, cache_seqlens)
     optional = (k_new, v_new, block_table)
     if not (all(type(t) is torch.Tensor for t in tensors) and all(t is None or type(t) is torch.Tensor for t in optional)
-            and type(causal) is bool and type(scale) in _OPTION_TYPES and type(softcap) in _OPTION_TYPES
-            and type(num_splits) is int
-            and (window is None or (type(window) is tuple and len(window) == 2 and type(window[0]) in _WINDOW_TYPES
-                                    and type(window[1]) in _WINDOW_TYPES))) or torch.compiler.is_compiling():
+            and type(num_splits) is int and _plain_options(causal, scale, window, softcap)) \
+            or torch.compiler.is_compiling():
         return None
     return (backend, causal, scale, window, softcap, bool(return_lse), num_splits,
             *[(t.shape, t.dtype, t.device) for t in tensors],
@@ -289,9 +297,7 @@ def _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         call = _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
                                    window, softcap, return_lse, num_splits, backend)
         if key is not None:
-            if len(_prepared) >= dispatch.MAX_CACHED_DECISIONS:
-                _prepared.clear()
-            _prepared[key] = call
+            _remember(key, call)
     return call
 
 
