@@ -20,7 +20,6 @@ what needs CUDA is listed as skipped.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -174,11 +173,18 @@ def measure_generate(device, progress=None, caches=("dynamic", "static")) -> lis
             return (_wall_ms(lambda: generate(NEW_TOKENS + 1), device) - _wall_ms(lambda: generate(1), device)) / NEW_TOKENS
 
         warm_up = {impl: (lambda: generate(2)) for impl in ("eager", "sdpa", "tileattn")}  # compiles if static
-        with contextlib.suppress(torch.cuda.OutOfMemoryError):
+        try:
             timings = interleaved_timings(warm_up, 3, time_one=step_ms, before=lambda impl: e2e.use(model, impl))
-            for impl, t in timings.items():
-                rows.append(dict(kind="generate", batch=batch, prompt=prompt, cache=cache, impl=impl,
-                                 **t.fields("ms_per_step"), tokens_per_s=batch * 1e3 / t.median))
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # e.g. a compile failure: keep the other rows
+            if on_gpu:
+                torch.cuda.empty_cache()
+            if progress:
+                progress.note(f"generate B={batch} prompt={prompt} {cache} cache failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            timings = {}
+        for impl, t in timings.items():
+            rows.append(dict(kind="generate", batch=batch, prompt=prompt, cache=cache, impl=impl,
+                             **t.fields("ms_per_step"), tokens_per_s=batch * 1e3 / t.median))
         if progress:
             progress.step(f"generate B={batch} prompt={prompt} {cache} cache")
     if on_gpu and "dynamic" in caches:  # the short prefill, where a call's host time shows in a whole forward
