@@ -123,14 +123,8 @@ def plot(json_path) -> list[Path]:
         title = f"tileattn bench {suite}: {what} ({device})"
         if key == metric:
             title += "\nerror bars: interquartile range (IQR) of the repeats"
-            if warnings_line(rows):
-                title += f"\n{warnings_line(rows)}"
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = json_path.with_name(f"{json_path.stem}-{what}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, title, rows if key == metric else [],
+                           json_path.with_name(f"{json_path.stem}-{what}.png")))
     return paths
 
 
@@ -165,11 +159,15 @@ def _e2e_bars(plt, rows, device, json_path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
     title = f"tileattn bench e2e ({device})\nms: median, error bars: interquartile range (IQR) of the interleaved repeats"
-    if warnings_line(rows):
-        title += f"\n{warnings_line(rows)}"
+    return _save(plt, fig, title, rows, json_path.with_name(f"{json_path.stem}.png"))
+
+
+def _save(plt, fig, title, flagged_rows, path):
+    """Title the figure (with the flags of ``flagged_rows``, if any), write it to ``path``, return the path."""
+    if warnings_line(flagged_rows):
+        title += f"\n{warnings_line(flagged_rows)}"
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = json_path.with_name(f"{json_path.stem}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -56,10 +56,17 @@ def mask_arguments(mask, placeholder, row_dims):
     if mask is None:
         return MASK_NONE.value, False, placeholder, (0, 0, 0, 0)
     per_key = all(mask.stride(dim) == 0 or mask.shape[dim] == 1 for dim in row_dims)
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-        return MASK_BOOL.value, per_key, mask, mask.stride()
-    return MASK_ADDITIVE.value, per_key, mask, mask.stride()
+    kind = MASK_BOOL.value if mask.dtype == torch.bool else MASK_ADDITIVE.value
+    mask = mask_tensor(mask, placeholder)
+    return kind, per_key, mask, mask.stride()
+
+
+def mask_tensor(mask, placeholder):
+    """The tensor a kernel reads for an optional mask: bool masks as bytes (Triton has no bool pointers);
+    without a mask ``placeholder`` stands in."""
+    if mask is None:
+        return placeholder
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 @triton.jit

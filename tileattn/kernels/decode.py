@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .common import (
     MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, key_block_ranges, load_tile,
-    mask_arguments, needs_int64_index, next_power_of_2,
+    mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
 )
 from .launch import Launcher
 
@@ -365,13 +365,9 @@ def decode_attention(
     workspace = splits_done = q  # placeholders, never read with one split
     if num_splits > 1:
         workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles, reuse_workspace)
-    if mask is None:
-        mask = q
-    elif mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)  # Triton has no bool pointers
     _decode.launch(launch, (q, k_cache, v_cache, out, lse, workspace, splits_done,
                             q if block_table is None else block_table, q if cache_seqlens is None else cache_seqlens,
-                            mask, q if k_new is None else k_new, q if v_new is None else v_new))
+                            mask_tensor(mask, q), q if k_new is None else k_new, q if v_new is None else v_new))
     return out, (lse if return_lse else None)
 
 
