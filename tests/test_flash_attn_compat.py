@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tileattn.flash_attn_compat as fa
+from tileattn import api, dispatch
 from tileattn.testing import assert_matches_oracle
 
 from conftest import DEVICE
@@ -45,8 +46,21 @@ def test_varlen():
         assert_matches_oracle(out[a:b][None].transpose(1, 2), *seq, lse=lse[:, a:b][None], causal=True)
 
 
+@pytest.fixture(params=["auto", "triton"])
+def kvcache_backend(request, monkeypatch):
+    """``auto``'s own choice, or the Triton kernel forced (on CPU through the interpreter), which takes
+    ``[B, S, H, D]`` tensors as they are."""
+    if request.param == "triton":
+        monkeypatch.setattr(dispatch, "choose_backend", lambda q, requested: "triton")
+        api._prepared.clear()
+        yield "triton"
+        api._prepared.clear()
+    else:
+        yield "auto"
+
+
 @pytest.mark.parametrize("paged", [False, True])
-def test_with_kvcache_appends_and_attends(paged):
+def test_with_kvcache_appends_and_attends(paged, kvcache_backend):
     b, hkv, d, cached = 2, 2, 32, [9, 20]
     if paged:
         k_cache, v_cache = bshd(8, 16, hkv, d), bshd(8, 16, hkv, d)  # [num_blocks, block_size, Hkv, D]
@@ -57,6 +71,11 @@ def test_with_kvcache_appends_and_attends(paged):
     seqlens = torch.tensor(cached, dtype=torch.int32, device=DEVICE)
     out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
                                          block_table=table, causal=True, return_softmax_lse=True)
+    # Again with the same signature (the validated call is reused): the same tokens written, the same result.
+    again, again_lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                                  block_table=table, causal=True, return_softmax_lse=True)
+    assert out.shape == q.shape and lse.shape == (b, 4, 2)
+    assert torch.equal(again, out) and torch.equal(again_lse, lse)
     for i, n in enumerate(cached):
         if paged:
             keys = k_cache[table[i].long()].reshape(-1, hkv, d)[: n + 2]

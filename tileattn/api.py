@@ -264,6 +264,38 @@ def attention_with_kvcache(
     return (out, lse) if return_lse else out
 
 
+def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
+                                      window, softcap, return_lse, num_splits):
+    """:func:`attention_with_kvcache` (``check_bounds=False``, ``backend="auto"``) on tensors in flash-attn's
+    ``[B, S, H, D]`` order, returning ``out [B, Sq, Hq, D]``: validated as their ``[B, H, S, D]`` views are, but a
+    repeated call on the Triton kernel makes none of those views (about a microsecond each)."""
+    key = _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
+                             softcap, return_lse, num_splits, "auto")
+    key = None if key is None else ("seq_first", *key)
+    call = _prepared.get(key) if key is not None else None
+    if call is None or call.backend != "triton":
+        def heads_first(t):
+            return None if t is None else t.transpose(1, 2)
+
+        if call is None and key is not None:
+            _remember(key, _check_kvcache_call(heads_first(q), heads_first(k_cache), heads_first(v_cache),
+                                               cache_seqlens, heads_first(k_new), heads_first(v_new), block_table,
+                                               causal, scale, window, softcap, return_lse, num_splits, "auto"))
+        result = attention_with_kvcache(
+            heads_first(q), heads_first(k_cache), heads_first(v_cache), cache_seqlens, k_new=heads_first(k_new),
+            v_new=heads_first(v_new), block_table=block_table, causal=causal, scale=scale, window=window,
+            softcap=softcap, return_lse=return_lse, num_splits=num_splits, check_bounds=False)
+        return (heads_first(result[0]), result[1]) if return_lse else heads_first(result)
+    from . import ops
+
+    if torch.is_grad_enabled() and q.requires_grad:
+        _warn_no_backward()
+    out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens, block_table=block_table,
+                              return_lse=call.return_lse, num_splits=num_splits, scale=call.scale,
+                              softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new, seq_first=True)
+    return (out, lse) if return_lse else out
+
+
 class _KVCacheCall(NamedTuple):
     """A validated ``attention_with_kvcache`` call, normalized, with its backend."""
 

@@ -87,9 +87,16 @@ def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 
 
 def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, scale, window, softcap, return_lse,
-               num_splits, mask=None, k_new=None, v_new=None):
+               num_splits, mask=None, k_new=None, v_new=None, seq_first=False):
     """Decode attention; with ``k_new``/``v_new`` the new tokens are first written into the cache: in eager mode by
-    the same launch, while compiling by PyTorch indexing (an in-place write Inductor sees) before the op."""
+    the same launch, while compiling by PyTorch indexing (an in-place write Inductor sees) before the op.
+    ``seq_first``: tensors in ``[B, S, H, D]`` order (eager mode only)."""
+    if seq_first:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("seq_first decode is for eager calls: transpose to [B, H, S, D] under torch.compile")
+        return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
+                                window=window, scale=scale, softcap=softcap, return_lse=return_lse,
+                                num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=True)
     if torch.compiler.is_compiling():
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

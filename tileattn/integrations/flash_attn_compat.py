@@ -83,11 +83,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes are not supported by tileattn")
     window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
-    result = api.attention_with_kvcache(
-        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
-        k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),
-        block_table=block_table, num_splits=num_splits, return_lse=return_softmax_lse, check_bounds=False,
-        scale=softmax_scale, causal=causal, window=window, softcap=softcap or None)
-    if return_softmax_lse:
-        return result[0].transpose(1, 2), result[1]
-    return result.transpose(1, 2)
+    return api._attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal,
+                                                 softmax_scale, window, softcap or None, return_softmax_lse, num_splits)

@@ -183,6 +183,7 @@ def _attend_key_blocks(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GUARD_VALUES: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
 
@@ -192,6 +193,7 @@ def _attend_key_blocks(
     slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
     others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0: ``[M, 1]``
     pointers, or one pointer with ``MASK_PER_KEY``. ``INT64_INDEX``: key index x stride may pass 2^31.
+    ``GUARD_VALUES``: in tiles with hidden keys, a NaN/Inf value reaches only the rows that see its key.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
@@ -229,13 +231,32 @@ def _attend_key_blocks(
                          s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if GUARD_VALUES and (EDGE or MASK_KIND != MASK_NONE):
+            acc = _weigh_seen_values(p, v, acc * alpha[:, None], s > float("-inf"), DOT_PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
+def _weigh_seen_values(p, v, acc, seen, DOT_PRECISION: tl.constexpr):
+    """``acc + p @ v`` where a NaN/Inf in ``v`` reaches only the rows that see its key (``seen [M, N]``): a hidden
+    key has weight 0, and ``0 * NaN`` in a plain ``tl.dot`` would poison every row of the tile. Finite values
+    go through the product; the non-finite ones are counted per (row, column) over the keys each row sees
+    (0/1 products, exact) and set the column to NaN (a NaN, or both infinities) or to the infinity seen."""
+    acc = tl.dot(p.to(v.dtype), tl.where(v - v == 0, v, 0.0), acc, input_precision=DOT_PRECISION)
+    seen = seen.to(v.dtype)
+    nans = tl.dot(seen, (v != v).to(v.dtype), input_precision=DOT_PRECISION)
+    pos = tl.dot(seen, (v == float("inf")).to(v.dtype), input_precision=DOT_PRECISION)
+    neg = tl.dot(seen, (v == float("-inf")).to(v.dtype), input_precision=DOT_PRECISION)
+    acc = tl.where(pos > 0, float("inf"), acc)
+    acc = tl.where(neg > 0, float("-inf"), acc)
+    return tl.where((nans > 0) | ((pos > 0) & (neg > 0)), float("nan"), acc)
+
+
+@triton.jit
 def attend_keys(
-    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
+    q, k_base, v_base, mask_base, block_table,
     lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
     stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
@@ -243,9 +264,48 @@ def attend_keys(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
-    the blocks every row sees (no elementwise masking), then the causal diagonal / window right
-    edge / ragged end of K."""
+    """Attend the rows of ``q`` (``[M, BLOCK_D]``) to keys ``[lo, hi)`` as cut by ``key_block_ranges``; returns the
+    unnormalized ``(acc [M, BLOCK_D], m_i [M], l_i [M])`` for ``finalize``.
+
+    Where options hide keys, a NaN/Inf value of a hidden key would reach the rows of its tile through the
+    ``0 * NaN`` of the tile's ``p @ v``. Guarding every masked tile costs speed on every call, so the block is
+    computed plainly and, only if its result holds a NaN/Inf (never for finite inputs), computed again with
+    the guarded product: the NaN rule of ``tileattn.reference`` at no cost to the common case."""
+    acc, m_i, l_i = _attend_key_ranges(
+        q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+        stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+        seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
+        PAGED, INT64_INDEX, DOT_PRECISION, False)
+    if HAS_LEFT or HAS_RIGHT or MASK_KIND != MASK_NONE:
+        if tl.max(tl.max((acc - acc != 0).to(tl.int32), 1), 0) != 0:  # x - x is NaN for x = NaN or +-inf
+            acc, m_i, l_i = _attend_key_ranges(
+                q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+                stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+                seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+                HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
+                PAGED, INT64_INDEX, DOT_PRECISION, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_key_ranges(
+    q, k_base, v_base, mask_base, block_table,
+    lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+    stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GUARD_VALUES: tl.constexpr,
+):
+    """The three ranges of ``key_block_ranges`` from an empty state: the sliding window's left edge, the
+    blocks every row sees (no elementwise masking), then the causal diagonal / window right edge / ragged
+    end of K."""
+    BLOCK_M: tl.constexpr = q.shape[0]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(3):
         if part == 0:
             start_n = lo
@@ -261,5 +321,5 @@ def attend_keys(
             stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
             seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
             HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-            PAGED, INT64_INDEX, DOT_PRECISION)
+            PAGED, INT64_INDEX, DOT_PRECISION, GUARD_VALUES)
     return acc, m_i, l_i

@@ -114,10 +114,6 @@ def _decode_kernel(
             mask_heads = tl.where(row_ok, heads, 0)
             mask_base = mask_base + mask_heads[:, None] * stride_mh + q_pos[:, None] * stride_mm
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
     # The window's key ranges for all query tokens, clipped to this split's keys.
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = key_block_ranges(
@@ -140,7 +136,7 @@ def _decode_kernel(
             HEAD_DIM, BLOCK_D, 16, PAGED)
         tl.debug_barrier()
     acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+        q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,
@@ -318,6 +314,7 @@ def release_workspaces() -> None:
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
     mask=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None, reuse_workspace=True,
+    seq_first=False,
 ):
     """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys, in one launch.
 
@@ -338,8 +335,10 @@ def decode_attention(
         num_splits: key splits per sequence; 0 chooses from batch, heads, capacity and SM count.
         config: ``(block_n, num_warps, num_stages)`` instead of the default.
         reuse_workspace: keep the split workspace for the next call (False: allocate one for this call only).
+        seq_first: q, the caches, k_new, v_new and out are ``[B, S, H, D]`` (flash-attn's order: the kernel only
+            needs their strides, so no transposed views are made per call); ``mask`` is not supported then.
     Returns:
-        ``(out [B, Hq, Sq, D] like q, lse fp32 [B, Hq, Sq] or None)``.
+        ``(out [B, Hq, Sq, D] like q, lse fp32 [B, Hq, Sq] or None)``; ``out [B, Sq, Hq, D]`` with ``seq_first``.
     """
     # The kernel reads one length per sequence and a row of page ids at unit stride.
     if cache_seqlens is not None and cache_seqlens.stride(0) != 1:
@@ -350,18 +349,24 @@ def decode_attention(
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
            None if k_new is None else (k_new.stride(), v_new.stride()),
-           tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config))
+           tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config), seq_first)
     call = _calls.get(key)
     if call is None:
-        call = _prepare(q, k_cache, v_cache, block_table, mask, cache_seqlens is not None, k_new, v_new, new_tokens,
+        heads_first = (lambda t: None if t is None else t.transpose(1, 2)) if seq_first else (lambda t: t)
+        call = _prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), block_table, mask,
+                        cache_seqlens is not None, heads_first(k_new), heads_first(v_new), new_tokens,
                         tuple(window), scale, softcap, return_lse, num_splits, config)
         if len(_calls) >= MAX_CACHED_CALLS:
             _calls.clear()
         _calls[key] = call
     launch, num_splits, workspace_floats, tiles = call
 
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
+    out = torch.empty_like(q)  # the layout _prepare saw: empty_like keeps a dense tensor's dimension order
+    if return_lse:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
+        lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    else:
+        lse = out
     workspace = splits_done = q  # placeholders, never read with one split
     if num_splits > 1:
         workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles, reuse_workspace)
