@@ -338,3 +338,22 @@ def test_the_tiled_path_keeps_the_rule_under_torch_compile():
         torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
     poisoned = compiled(q, k, v)
     assert poisoned[0, 1, :12].isfinite().all() and poisoned[0, 1, 12:, 3].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_infinite_values_of_both_signs(backend):
+    """+inf and -inf values in one column: rows that see one of them get that infinity, rows that see both NaN,
+    rows that see neither the oracle's number (the Triton kernels' guarded product decodes all four cases)."""
+    q, k, v = (torch.randn(1, 1, 70, 16, device=DEVICE) for _ in range(3))
+    v[0, 0, 20, 3], v[0, 0, 50, 3] = INF, -INF
+    keep = torch.rand(1, 1, 70, 70, device=DEVICE) > 0.5
+    keep[..., 0:10, 20], keep[..., 0:10, 50] = True, False  # rows 0-9 see +inf only
+    keep[..., 10:20, 20], keep[..., 10:20, 50] = False, True  # rows 10-19 see -inf only
+    keep[..., 20:30, 20], keep[..., 20:30, 50] = True, True  # rows 20-29 see both
+    keep[..., 30:, 20], keep[..., 30:, 50] = False, False  # the others see neither
+    out = tileattn.attention(q, k, v, mask=keep, backend=backend)[0, 0].cpu()
+    assert (out[0:10, 3] == INF).all() and (out[10:20, 3] == -INF).all() and out[20:30, 3].isnan().all()
+    others = torch.ones_like(out, dtype=torch.bool)
+    others[:30, 3] = False
+    expected = naive_attention(q.double(), k.double(), v.nan_to_num(posinf=0.0, neginf=0.0).double(), mask=keep)
+    torch.testing.assert_close(out[others].double(), expected[0, 0].cpu()[others], atol=2e-5, rtol=2e-5)

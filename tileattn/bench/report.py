@@ -78,7 +78,7 @@ class Timing:
 
 def wall_ms(fn) -> float:
     """Milliseconds of one ``fn()`` call, waiting for the GPU's queued work before and after (if CUDA is in use)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     sync()
     start = time.perf_counter()
     fn()

@@ -241,17 +241,20 @@ def _attend_key_blocks(
 @triton.jit
 def _weigh_seen_values(p, v, acc, seen, DOT_PRECISION: tl.constexpr):
     """``acc + p @ v`` where a NaN/Inf in ``v`` reaches only the rows that see its key (``seen [M, N]``): a hidden
-    key has weight 0, and ``0 * NaN`` in a plain ``tl.dot`` would poison every row of the tile. Finite values
-    go through the product; the non-finite ones are counted per (row, column) over the keys each row sees
-    (0/1 products, exact) and set the column to NaN (a NaN, or both infinities) or to the infinity seen."""
+    key has weight 0, and ``0 * NaN`` in a plain ``tl.dot`` would poison every row of the tile. Finite values go
+    through the product; each non-finite one gets a code (NaN 1, +inf 2^-8, -inf 2^-16) summed over the keys
+    each row sees by one more product of 0/1 weights, exact in fp32 (and tf32) for up to 255 keys a tile; the
+    column is then NaN (a NaN, or both infinities) or the infinity seen."""
     acc = tl.dot(p.to(v.dtype), tl.where(v - v == 0, v, 0.0), acc, input_precision=DOT_PRECISION)
-    seen = seen.to(v.dtype)
-    nans = tl.dot(seen, (v != v).to(v.dtype), input_precision=DOT_PRECISION)
-    pos = tl.dot(seen, (v == float("inf")).to(v.dtype), input_precision=DOT_PRECISION)
-    neg = tl.dot(seen, (v == float("-inf")).to(v.dtype), input_precision=DOT_PRECISION)
-    acc = tl.where(pos > 0, float("inf"), acc)
-    acc = tl.where(neg > 0, float("-inf"), acc)
-    return tl.where((nans > 0) | ((pos > 0) & (neg > 0)), float("nan"), acc)
+    code = tl.where(v != v, 1.0, tl.where(v == float("inf"), 1.0 / 256, tl.where(v == float("-inf"), 1.0 / 65536, 0.0)))
+    codes = tl.dot(seen.to(tl.float32), code, input_precision=DOT_PRECISION)
+    nans = codes >= 1.0
+    infs = codes - tl.floor(codes)
+    pos = infs >= 1.0 / 256
+    neg = infs * 256 - tl.floor(infs * 256) > 0
+    acc = tl.where(pos, float("inf"), acc)
+    acc = tl.where(neg, float("-inf"), acc)
+    return tl.where(nans | (pos & neg), float("nan"), acc)
 
 
 @triton.jit
