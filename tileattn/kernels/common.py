@@ -183,7 +183,6 @@ def _attend_key_blocks(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    GUARD_VALUES: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
 
@@ -193,7 +192,6 @@ def _attend_key_blocks(
     slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
     others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0: ``[M, 1]``
     pointers, or one pointer with ``MASK_PER_KEY``. ``INT64_INDEX``: key index x stride may pass 2^31.
-    ``GUARD_VALUES``: in tiles with hidden keys, a NaN/Inf value reaches only the rows that see its key.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
@@ -231,35 +229,13 @@ def _attend_key_blocks(
                          s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
-        if GUARD_VALUES and (EDGE or MASK_KIND != MASK_NONE):
-            acc = _weigh_seen_values(p, v, acc * alpha[:, None], s > float("-inf"), DOT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
-
-
-@triton.jit
-def _weigh_seen_values(p, v, acc, seen, DOT_PRECISION: tl.constexpr):
-    """``acc + p @ v`` where a NaN/Inf in ``v`` reaches only the rows that see its key (``seen [M, N]``): a hidden
-    key has weight 0, and ``0 * NaN`` in a plain ``tl.dot`` would poison every row of the tile. Finite values go
-    through the product; each non-finite one gets a code (NaN 1, +inf 2^-8, -inf 2^-16) summed over the keys
-    each row sees by one more product of 0/1 weights, exact in fp32 (and tf32) for up to 255 keys a tile; the
-    column is then NaN (a NaN, or both infinities) or the infinity seen."""
-    acc = tl.dot(p.to(v.dtype), tl.where(v - v == 0, v, 0.0), acc, input_precision=DOT_PRECISION)
-    code = tl.where(v != v, 1.0, tl.where(v == float("inf"), 1.0 / 256, tl.where(v == float("-inf"), 1.0 / 65536, 0.0)))
-    codes = tl.dot(seen.to(tl.float32), code, input_precision=DOT_PRECISION)
-    nans = codes >= 1.0
-    infs = codes - tl.floor(codes)
-    pos = infs >= 1.0 / 256
-    neg = infs * 256 - tl.floor(infs * 256) > 0
-    acc = tl.where(pos, float("inf"), acc)
-    acc = tl.where(neg, float("-inf"), acc)
-    return tl.where(nans | (pos & neg), float("nan"), acc)
 
 
 @triton.jit
 def attend_keys(
-    q, k_base, v_base, mask_base, block_table,
+    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
     lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
     stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
@@ -267,48 +243,9 @@ def attend_keys(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Attend the rows of ``q`` (``[M, BLOCK_D]``) to keys ``[lo, hi)`` as cut by ``key_block_ranges``; returns the
-    unnormalized ``(acc [M, BLOCK_D], m_i [M], l_i [M])`` for ``finalize``.
-
-    Where options hide keys, a NaN/Inf value of a hidden key would reach the rows of its tile through the
-    ``0 * NaN`` of the tile's ``p @ v``. Guarding every masked tile costs speed on every call, so the block is
-    computed plainly and, only if its result holds a NaN/Inf (never for finite inputs), computed again with
-    the guarded product: the NaN rule of ``tileattn.reference`` at no cost to the common case."""
-    acc, m_i, l_i = _attend_key_ranges(
-        q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
-        stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
-        seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-        PAGED, INT64_INDEX, DOT_PRECISION, False)
-    if HAS_LEFT or HAS_RIGHT or MASK_KIND != MASK_NONE:
-        if tl.max(tl.max((acc - acc != 0).to(tl.int32), 1), 0) != 0:  # x - x is NaN for x = NaN or +-inf
-            acc, m_i, l_i = _attend_key_ranges(
-                q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
-                stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
-                seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-                HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-                PAGED, INT64_INDEX, DOT_PRECISION, True)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_key_ranges(
-    q, k_base, v_base, mask_base, block_table,
-    lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
-    stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
-    seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    GUARD_VALUES: tl.constexpr,
-):
-    """The three ranges of ``key_block_ranges`` from an empty state: the sliding window's left edge, the
-    blocks every row sees (no elementwise masking), then the causal diagonal / window right edge / ragged
-    end of K."""
-    BLOCK_M: tl.constexpr = q.shape[0]
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
+    the blocks every row sees (no elementwise masking), then the causal diagonal / window right
+    edge / ragged end of K."""
     for part in tl.static_range(3):
         if part == 0:
             start_n = lo
@@ -324,5 +261,5 @@ def _attend_key_ranges(
             stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
             seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
             HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-            PAGED, INT64_INDEX, DOT_PRECISION, GUARD_VALUES)
+            PAGED, INT64_INDEX, DOT_PRECISION)
     return acc, m_i, l_i

@@ -114,6 +114,10 @@ def _decode_kernel(
             mask_heads = tl.where(row_ok, heads, 0)
             mask_base = mask_base + mask_heads[:, None] * stride_mh + q_pos[:, None] * stride_mm
 
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
     # The window's key ranges for all query tokens, clipped to this split's keys.
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = key_block_ranges(
@@ -136,7 +140,7 @@ def _decode_kernel(
             HEAD_DIM, BLOCK_D, 16, PAGED)
         tl.debug_barrier()
     acc, m_i, l_i = attend_keys(
-        q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
+        acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,

@@ -78,12 +78,16 @@ def _prefill_kernel(
         if not MASK_PER_KEY:
             mask_base = mask_base + rows[:, None] * stride_mm
 
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
     diag = seqlen_k - seqlen_q
     row_hi = tl.minimum(block_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = key_block_ranges(
         block_m * BLOCK_M, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     acc, m_i, l_i = attend_keys(
-        q, k_base, v_base, mask_base, Mask, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
+        acc, m_i, l_i, q, k_base, v_base, mask_base, Mask, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, 0, 0, 1,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, NOT_PAGED,

@@ -1,0 +1,66 @@
+"""Registers, stack and shared memory of a tileattn Triton kernel built for sm_90, without a GPU.
+
+Builds with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (the Triton wheel carries ptxas) and reads the
+cubin with ``cuobjdump -res-usage``: a kernel change that costs registers shows here before it costs GPU time.
+Example (the causal prefill kernel, head_dim 64, the H100 config)::
+
+    PYTHONPATH=. python benchmarks/registers.py prefill --head-dim 64 --causal
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def build(fn, pointer_types, constexprs, num_warps, num_stages, floats=("sm_scale", "softcap")):
+    """Compile ``fn`` for sm_90: pointers of ``pointer_types`` (name -> Triton type), 16-aligned; strides of the
+    head dim (``stride_*d``) equal to 1, other ints divisible by 16, as a contiguous call specializes them."""
+    signature, fixed, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs or (name.startswith("stride_") and name.endswith("d")):
+            signature[name] = "constexpr"
+            fixed[(index,)] = constexprs.get(name, 1)
+        elif name in pointer_types:
+            signature[name] = "*" + pointer_types[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, signature, fixed, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=kernel.metadata.shared)
+
+
+def prefill(head_dim, causal, dtype):
+    from tileattn.kernels import prefill as module
+
+    block_m, block_n, num_warps, num_stages = module._CONFIGS[head_dim]
+    types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Mask="i8", CuSeqlensQ="i32", CuSeqlensK="i32")
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
+                      HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, RETURN_LSE=False,
+                      IS_VARLEN=False, INT64_INDEX=False, DOT_PRECISION="tf32")
+    return build(module._prefill_kernel, types, constexprs, num_warps, num_stages)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernel", choices=["prefill"])
+    parser.add_argument("--head-dim", type=int, default=128, choices=[16, 32, 64, 128, 256])
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
+    args = parser.parse_args()
+    print(prefill(args.head_dim, args.causal, args.dtype))
