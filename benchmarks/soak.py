@@ -11,7 +11,8 @@ Beside the cache, a dense copy of every sequence's K/V tokens is kept on the CPU
 sequence's pages against its dense copy (bit for bit), and the page accounting (pages in use plus free pages
 is the pool; no page held twice). Pools start filled with NaN and freed pages are refilled with NaN, so a read
 of a slot that no sequence wrote shows up as NaN in an output. At the end every sequence is freed and all
-pages must be free; on CUDA, ``torch.cuda.memory_allocated()`` must not grow from the first check to the last.
+pages must be free; on CUDA, ``torch.cuda.memory_allocated()`` less the split-decode workspace (a buffer reused by
+every call, grown to the largest batch seen, reported apart) must not grow from the first check to the last.
 
 GPU run::
 
@@ -35,6 +36,7 @@ import torch
 
 import tileattn
 from tileattn.cache import PagedKVCache
+from tileattn.kernels.decode import workspace_bytes
 from tileattn.reference import gather_cache
 from tileattn.testing import assert_matches_oracle
 
@@ -82,8 +84,10 @@ class SoakReport:
     finished_out_of_pages: int = 0
     finished_at_max_length: int = 0
     checks_passed: int = 0
-    memory_first_check: int | None = None  # torch.cuda.memory_allocated(), bytes; None on CPU
+    memory_first_check: int | None = None  # torch.cuda.memory_allocated() less the workspace, bytes; None on CPU
     memory_last_check: int | None = None
+    workspace_first_check: int | None = None  # the split-decode workspace, bytes
+    workspace_last_check: int | None = None
     elapsed_s: float = 0.0
 
 
@@ -196,8 +200,12 @@ class _Loop:
             raise AssertionError(f"step {step}: {len(in_use)} pages in use + {self.cache.num_free_pages} free != "
                                  f"{self.config.num_pages}: pages leaked")
 
-    def memory(self) -> int | None:
-        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+    def memory(self) -> tuple[int | None, int | None]:
+        """``(memory_allocated() less the workspace, workspace)`` in bytes, or ``(None, None)`` on CPU."""
+        if self.device.type != "cuda":
+            return None, None
+        workspace = workspace_bytes()
+        return torch.cuda.memory_allocated(self.device) - workspace, workspace
 
     def step(self, step: int, check: bool) -> None:
         c, report = self.config, self.report
@@ -230,14 +238,14 @@ def run_soak(config: SoakConfig, log=None) -> SoakReport:
     report = loop.report
     for step in range(config.steps):
         check = (step + 1) % config.check_every == 0 or step == config.steps - 1
-        memory = loop.memory() if check else None  # between steps: the cache and the loop's own state only
+        memory, workspace = loop.memory() if check else (None, None)  # between steps: the cache and the loop's state
         loop.step(step, check)
         report.steps = step + 1
         if check:
             report.checks_passed += 1
             if report.memory_first_check is None:
-                report.memory_first_check = memory
-            report.memory_last_check = memory
+                report.memory_first_check, report.workspace_first_check = memory, workspace
+            report.memory_last_check, report.workspace_last_check = memory, workspace
             if log:
                 log(f"step {step + 1}: {len(loop.dense)} active, {loop.cache.num_free_pages} free pages, "
                     f"{report.checks_passed} checks passed")
@@ -264,7 +272,10 @@ def summary_table(report: SoakReport) -> str:
             ("arrivals refused / finished out of pages / at max length",
              f"{report.arrivals_refused} / {report.finished_out_of_pages} / {report.finished_at_max_length}"),
             ("checks passed", report.checks_passed),
-            ("memory at first / last check", f"{mib(report.memory_first_check)} / {mib(report.memory_last_check)}"),
+            ("memory at first / last check (less the workspace)",
+             f"{mib(report.memory_first_check)} / {mib(report.memory_last_check)}"),
+            ("split-decode workspace at first / last check",
+             f"{mib(report.workspace_first_check)} / {mib(report.workspace_last_check)}"),
             ("elapsed", f"{report.elapsed_s:.1f} s")]
     return "\n".join(["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 

@@ -315,6 +315,12 @@ def release_workspaces() -> None:
     _Workspace._by_stream.clear()
 
 
+def workspace_bytes() -> int:
+    """Device bytes held by the reusable split workspaces: one set per (device, stream), as large as the
+    largest call so far needed, so bounded by the largest batch x heads x splits."""
+    return sum(t.numel() * t.element_size() for pair in _Workspace._by_stream.values() for t in pair)
+
+
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
     mask=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None, reuse_workspace=True,
