@@ -81,6 +81,18 @@ def test_num_splits_all_agree(page_size):
         torch.testing.assert_close(lse, results[0][1], rtol=1e-5, atol=1e-5, msg=f"num_splits={n}")
 
 
+def test_more_splits_than_one_merge_load():
+    """The last split merges the others' partials 64 LSEs per load: 70 splits take two loads. A capacity of 70 x 128
+    keys gives 70 splits of 128 keys whatever the key block (32 to 128: a split is a whole number of blocks)."""
+    length = 70 * 128 - 5
+    k_cache, v_cache, table = make_cache(1, 1, 16, [length], page_size=None, dtype=torch.float32, capacity=70 * 128)
+    q = torch.randn(1, 2, 1, 16, device=DEVICE)
+    seqlens = torch.tensor([length], dtype=torch.int32, device=DEVICE)
+    out, lse = tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, return_lse=True, num_splits=70,
+                                               backend="triton")
+    check_against_oracle(out, lse, q, k_cache, v_cache, [length], table, causal=True)
+
+
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_decode_kernel_mask(kind, num_splits):
