@@ -1,0 +1,123 @@
+"""Compile the Gluon Hopper attention kernels for sm_90 without a GPU; print registers, spills, smem.
+
+    /tmp/v36/bin/python benchmarks/hopper/compile_check.py [--ws] [--only-ws] [--dump DIR]
+
+Signatures are built the way the runtime builds them: descriptors made from CPU tensors of the real
+shapes are mangled by triton.runtime.jit.mangle_type ("tensordesc<bf16[1, 1, 128, 128],NVMMASharedLayout(...)>"),
+then GluonASTSource + triton.compile(target=GPUTarget("cuda", 90, 32)).  Registers / stack come from
+cuobjdump -res-usage, spills from ptxas' verbose output (re-run on the PTX), smem from the metadata.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attn_hopper as A  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def build(fn, args, constexprs, num_warps, maxnreg=None, dump=None, tag=""):
+    """args: name -> runtime value (descriptor, tensor, int, float); constexprs: name -> value."""
+    signature, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[(i,)] = constexprs[name]
+            continue
+        val = args[name]
+        if isinstance(val, float):
+            signature[name] = "fp32"
+        elif isinstance(val, int):
+            signature[name] = "i32"  # not specialized on divisibility: the real seqlens are arbitrary
+        else:
+            signature[name] = mangle_type(val)
+            if signature[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    opts = dict(num_warps=num_warps)
+    if maxnreg is not None:
+        opts["maxnreg"] = maxnreg
+    k = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        open(cubin, "wb").write(k.asm["cubin"])
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        ptx = os.path.join(tmp, "k.ptx")
+        open(ptx, "w").write(k.asm["ptx"])
+        verbose = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name=sm_90a", ptx, "-o",
+                                  os.path.join(tmp, "k2.cubin")], capture_output=True, text=True).stderr
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            open(os.path.join(dump, f"{fn.__name__}_{tag}.{ext}"), "w").write(k.asm[ext])
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
+    ptx_text = k.asm["ptx"]
+    return dict(regs=int(fields["REG"]), stack=int(fields.get("STACK", 0)),
+                spill_st=int(spill.group(1)) if spill else -1, spill_ld=int(spill.group(2)) if spill else -1,
+                smem=k.metadata.shared, num_warps=k.metadata.num_warps,
+                wgmma=ptx_text.count("wgmma.mma_async"), bar_sync=len(re.findall(r"\bbar\.sync|barrier\.sync", ptx_text)),
+                setmaxnreg=len(re.findall(r"setmaxnreg", ptx_text)))
+
+
+def kernel_args(D, dtype, block_n, B=2, H=4, S=1024):
+    q = torch.empty(B, H, S, D, dtype=dtype)
+    kv = torch.empty(B, H, S, D, dtype=dtype)
+    lse = torch.empty(B, H, S, dtype=torch.float32)
+    return dict(q_desc=A.make_desc(q, A.BLOCK_M), k_desc=A.make_desc(kv, block_n), v_desc=A.make_desc(kv, block_n),
+                o_desc=A.make_desc(q, A.BLOCK_M), Lse=lse, stride_lb=H * S, stride_lh=S, seqlen_q=S, seqlen_k=S,
+                num_heads=H, group_size=1, qk_scale=0.18)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ws", action="store_true", help="also the warp-specialized kernel")
+    ap.add_argument("--only-ws", action="store_true")
+    ap.add_argument("--dump", default=None)
+    ap.add_argument("--lse", action="store_true", help="RETURN_LSE=True too")
+    a = ap.parse_args()
+    variants = []
+    if not a.only_ws:
+        variants.append(("v1", A._attn_fwd_kernel, A.config_for, A.NUM_WARPS, None))
+    if a.ws or a.only_ws:
+        import attn_hopper_ws as W
+        variants.append(("ws", W._attn_fwd_ws_kernel, W.config_for, W.NUM_WARPS, W.MAXNREG))
+    ok = True
+    print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'causal':>6s} {'lse':>5s} {'BN':>4s} {'ST':>3s} | "
+          f"{'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} {'smem':>7s} {'warps':>5s} {'wgmma':>5s} {'bar':>4s}")
+    for tag, fn, cfg, nw, maxnreg in variants:
+        for dtype in (torch.float16, torch.bfloat16):
+            for D in (64, 128):
+                for causal in (False, True):
+                    for lse in ((False, True) if a.lse else (False,)):
+                        block_n, stages = cfg(D)
+                        cx = dict(HEAD_DIM=D, BLOCK_M=A.BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
+                                  RETURN_LSE=lse)
+                        name = f"{tag}_{str(dtype)[6:]}_d{D}_{'causal' if causal else 'full'}{'_lse' if lse else ''}"
+                        try:
+                            r = build(fn, kernel_args(D, dtype, block_n), cx, nw, maxnreg, a.dump, name)
+                        except Exception as e:  # noqa: BLE001
+                            ok = False
+                            msg = str(e).strip().splitlines()
+                            print(f"{tag:6s} {str(dtype)[6:]:5s} {D:3d} {causal!s:>6s} {lse!s:>5s} FAILED: "
+                                  + "\n    ".join(msg[-25:]))
+                            continue
+                        print(f"{tag:6s} {str(dtype)[6:]:5s} {D:3d} {causal!s:>6s} {lse!s:>5s} {block_n:4d} {stages:3d} | "
+                              f"{r['regs']:4d} {r['stack']:5d} {r['spill_st']:5d}/{r['spill_ld']:<5d} {r['smem']:7d} "
+                              f"{r['num_warps']:5d} {r['wgmma']:5d} {r['bar_sync']:4d}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
