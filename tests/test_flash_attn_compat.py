@@ -96,8 +96,8 @@ def test_int_cache_seqlens_and_full_cache_default():
 
 def test_unsupported_arguments_are_clear_errors():
     q = bshd(1, 4, 2, 16)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE))
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float64))
     with pytest.raises(ValueError, match="dropout_p must be 0"):
         fa.flash_attn_func(q, q, q, dropout_p=0.1)
     with pytest.raises(NotImplementedError, match="rotary_cos"):
@@ -109,3 +109,52 @@ def test_alias_as_flash_attn_module(monkeypatch):
     from flash_attn import flash_attn_func  # noqa: PLC0415
 
     assert flash_attn_func is fa.flash_attn_func
+
+
+def flash_attn_alibi_reference(q, k, v, slopes, causal):
+    """flash-attn's ALiBi as its own test reference states it (bshd, float64): ``slope * j`` under causal masking,
+    ``-slope * |i + Sk - Sq - j|`` otherwise; returns ``(out [B, Sq, Hq, D], lse [B, Hq, Sq])``."""
+    sq, sk = q.shape[1], k.shape[1]
+    rows, cols = torch.arange(sq, device=DEVICE)[:, None], torch.arange(sk, device=DEVICE)[None, :]
+    slopes = (slopes if slopes.dim() == 2 else slopes[None]).double()[:, :, None, None]
+    bias = slopes * cols if causal else -slopes * (rows + sk - sq - cols).abs()
+    if causal:
+        bias = bias.masked_fill(cols > rows + sk - sq, float("-inf"))
+    qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
+    group = qh.shape[1] // kh.shape[1]
+    logits = qh @ kh.repeat_interleave(group, 1).transpose(-1, -2) * q.shape[-1] ** -0.5 + bias
+    out = logits.softmax(-1) @ vh.repeat_interleave(group, 1)
+    return out.transpose(1, 2), logits.logsumexp(-1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi_as_flash_attn_defines_it(causal, per_batch):
+    q, k, v = bshd(2, 13, 4, 32, torch.float32), bshd(2, 21, 2, 32, torch.float32), bshd(2, 21, 2, 32, torch.float32)
+    slopes = torch.rand(2, 4, device=DEVICE) if per_batch else torch.rand(4, device=DEVICE)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_attn_probs=True)
+    ref, ref_lse = flash_attn_alibi_reference(q, k, v, slopes, causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    # varlen: the two sequences packed
+    cu_q = torch.tensor([0, 13, 26], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 21, 42], dtype=torch.int32, device=DEVICE)
+    out, lse, _ = fa.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 13, 21,
+                                            causal=causal, alibi_slopes=slopes, return_attn_probs=True)
+    torch.testing.assert_close(out.view(2, 13, 4, 32).double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.view(4, 2, 13).transpose(0, 1).double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_alibi_in_kvcache_decode():
+    k_cache, v_cache = bshd(2, 24, 2, 16, torch.float32), bshd(2, 24, 2, 16, torch.float32)
+    q, k_new, v_new = bshd(2, 2, 4, 16, torch.float32), bshd(2, 2, 2, 16, torch.float32), bshd(2, 2, 2, 16, torch.float32)
+    lengths = [9, 20]
+    slopes = torch.rand(4, device=DEVICE)
+    out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                         cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+                                         causal=True, alibi_slopes=slopes, return_softmax_lse=True)
+    for b, n in enumerate(lengths):
+        ref, ref_lse = flash_attn_alibi_reference(q[b:b + 1], k_cache[b:b + 1, : n + 2], v_cache[b:b + 1, : n + 2],
+                                                  slopes, causal=True)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, atol=2e-5, rtol=2e-5)

@@ -25,6 +25,10 @@ DECODERS = {  # GQA everywhere; Mistral's window and Gemma-2's local layers are 
     "gemma2": lambda: transformers.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                                 attn_logit_softcapping=1.0, final_logit_softcapping=None,
                                                 sliding_window=5, query_pre_attn_scalar=16, **SMALL),
+    # attention sinks (s_aux), alternating sliding-window layers, MoE
+    "gpt_oss": lambda: transformers.GptOssConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                 sliding_window=6, num_local_experts=4, num_experts_per_tok=2,
+                                                 **SMALL),
 }
 
 
@@ -64,7 +68,7 @@ def test_decoder_logits_match_eager(name):
         torch.testing.assert_close(ours(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt_oss"])
 def test_greedy_generate_left_padded_matches_eager(name):
     config = DECODERS[name]()
     eager, ours = build(config, "eager"), build(config, "tileattn")

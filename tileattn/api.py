@@ -28,6 +28,8 @@ def attention(
     mask: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -46,6 +48,10 @@ def attention(
         window: ``(left, right)``: query ``i`` sees keys ``i + Sk - Sq - left ..= i + Sk - Sq + right``;
             None or -1 leaves a side unbounded. Combined with ``causal``, ``right`` is capped at 0.
         softcap: if given (> 0), scores become ``softcap * tanh(scores / softcap)`` before masking.
+        alibi_slopes: fp32 ``[Hq]`` or ``[B, Hq]``: ALiBi, ``-slope * |i + Sk - Sq - j|`` added to the logits.
+        sinks: ``[Hq]`` (any float dtype): one logit per head that joins each row's softmax denominator and
+            attends to nothing (gpt-oss's ``s_aux``); lse includes it, a row that sees no key gets lse ``sink``.
+            ALiBi and sinks run on the ``torch``/``naive`` backends for now (``auto`` picks ``torch``).
         return_lse: also return the natural-log logsumexp of each row, ``[B, Hq, Sq]``, fp32 (fp64 for fp64 inputs).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
@@ -55,6 +61,9 @@ def attention(
         accumulated in fp32 (fp64 for fp64 inputs). NaN/Inf in q/k/v propagate as IEEE arithmetic does
         (a NaN in a key a row sees makes that row NaN); inputs are not scanned.
     """
+    if alibi_slopes is not None or sinks is not None:
+        return _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse,
+                                      backend)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend)
     if call.empty:  # nothing to launch: empty result, or rows that see no key
         out = q.new_zeros(q.shape)
@@ -81,6 +90,66 @@ def attention(
         impl = tiled_attention if chosen == "torch" else naive_attention
         result = impl(q, k, v, window=window, return_lse=return_lse, **options)
         out, lse = result if return_lse else (result, None)
+    return (out, lse) if return_lse else out
+
+
+# ---- ALiBi and attention sinks (the PyTorch backends for now) -----------------------------------------
+
+BIAS_BACKENDS = ("torch", "naive")
+
+
+def _bias_backend(backend, alibi_slopes, sinks):
+    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes ``torch``; the others must take them."""
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "torch"
+    if backend not in BIAS_BACKENDS:
+        given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
+        raise ValueError(f"{given} run on backend 'torch' or 'naive' (or 'auto'); backend={backend!r} does not take "
+                         "them yet")
+    return backend
+
+
+def _check_biases(q, alibi_slopes, sinks, batch):
+    """``alibi_slopes`` fp32 ``[Hq]`` or ``[batch, Hq]`` and ``sinks`` float ``[Hq]``, on q's device."""
+    heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
+    for name, t, shapes, dtypes in (("alibi_slopes", alibi_slopes, ((heads,), (batch, heads)), (torch.float32,)),
+                                    ("sinks", sinks, ((heads,),), FLOAT_DTYPES)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(str(list(s)) for s in shapes)} (heads = {heads}), "
+                             f"got {list(t.shape)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {t.device}")
+
+
+def _keyless_lse(shape, sinks, dtype, device, heads_dim):
+    """lse of rows that see no key: ``-inf``, or their head's sink (heads on axis ``heads_dim`` of ``shape``)."""
+    if sinks is None:
+        return torch.full(shape, float("-inf"), dtype=dtype, device=device)
+    view = [1] * len(shape)
+    view[heads_dim] = -1
+    return sinks.to(dtype).view(view).expand(shape).clone()
+
+
+def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse, backend):
+    chosen = _bias_backend(backend, alibi_slopes, sinks)
+    call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
+    _check_biases(q, alibi_slopes, sinks, q.shape[0])
+    if q.numel() == 0 or k.shape[2] == 0:
+        out = q.new_zeros(q.shape)
+        lse = _keyless_lse(q.shape[:3], sinks, lse_dtype(q.dtype), q.device, heads_dim=1)
+    else:
+        impl = tiled_attention if chosen == "torch" else naive_attention
+        out, lse = impl(q, k, v, window=call.window, return_lse=True, scale=call.scale, softcap=call.softcap,
+                        mask=None if mask is None else mask.expand(call.mask_shape), alibi_slopes=alibi_slopes,
+                        sinks=sinks)
     return (out, lse) if return_lse else out
 
 
@@ -160,7 +229,7 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
 
 def attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None, window=None,
-    softcap=None, return_lse=False, backend="auto",
+    softcap=None, alibi_slopes=None, sinks=None, return_lse=False, backend="auto",
 ):
     """Attention over packed variable-length sequences, without padding.
 
@@ -170,7 +239,8 @@ def attention_varlen(
             ``cu[b] .. cu[b + 1]``; starts at 0, non-decreasing, ends at the total. Checked on the host (a
             device sync), except inside CUDA-graph capture and torch.compile.
         max_seqlen_q, max_seqlen_k: the longest sequence of each (sizes the launch grid).
-        Other options as in :func:`attention` (no ``mask``); causal is bottom-right aligned per sequence.
+        Other options as in :func:`attention` (no ``mask``); causal is bottom-right aligned per sequence;
+            ``alibi_slopes`` ``[batch, Hq]`` gives each sequence its own row.
     Returns:
         ``out [total_q, Hq, D]`` or ``(out, lse)`` with lse fp32 ``[Hq, total_q]``. Sequence ``b``'s rows
         equal ``attention`` on that sequence alone.
@@ -194,11 +264,16 @@ def attention_varlen(
                 raise ValueError(f"{name} must start at 0, never decrease and end at {total}, got {values}")
             if max(lengths, default=0) > longest:
                 raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the max_seqlen given for {name} ({longest})")
-    chosen = _backend(q, backend)
-    options = dict(scale=scale, softcap=softcap)
+    biased = alibi_slopes is not None or sinks is not None
+    if biased:
+        chosen = _bias_backend(backend, alibi_slopes, sinks)
+        _check_biases(q, alibi_slopes, sinks, cu_seqlens_q.shape[0] - 1)
+    else:
+        chosen = _backend(q, backend)
+    options = dict(scale=scale, softcap=softcap, **(dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}))
     if q.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
         out = q.new_zeros(q.shape)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        lse = _keyless_lse((q.shape[1], q.shape[0]), sinks, lse_dtype(q.dtype), q.device, heads_dim=0)
     elif chosen == "triton":
         from . import ops
 
@@ -215,7 +290,8 @@ def attention_varlen(
 
 def attention_with_kvcache(
     q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=True, scale=None,
-    window=None, softcap=None, return_lse=False, num_splits=0, check_bounds=True, backend="auto",
+    window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0, check_bounds=True,
+    backend="auto",
 ):
     """Attention of new query tokens over a KV cache (decode, chunked prefill, speculative verification).
 
@@ -241,8 +317,12 @@ def attention_with_kvcache(
     Returns:
         ``out [B, Hq, Sq, D]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
     """
+    biased = alibi_slopes is not None or sinks is not None
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
-                            softcap, return_lse, num_splits, backend)
+                            softcap, return_lse, num_splits,
+                            _bias_backend(backend, alibi_slopes, sinks) if biased else backend)
+    if biased:
+        _check_biases(q, alibi_slopes, sinks, q.shape[0])
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
     if (check_bounds or call.backend != "triton") and _may_read_device_values():
         _check_cache_bounds(k_cache, cache_seqlens, call.new_tokens, block_table)
@@ -258,9 +338,10 @@ def attention_with_kvcache(
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         impl = tiled_attention if call.backend == "torch" else naive_attention
+        biases = dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}
         out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
                                                block_table=block_table, return_lse=True, impl=impl, scale=call.scale,
-                                               softcap=call.softcap, window=call.window)
+                                               softcap=call.softcap, window=call.window, **biases)
     return (out, lse) if return_lse else out
 
 

@@ -17,6 +17,16 @@ Which keys a query sees (shared by every backend):
   ``i + diag - left <= j <= i + diag + right``; ``causal=True`` is ``right = 0``.
   A row that sees no key returns 0 with lse ``-inf``.
 
+ALiBi and sinks (``alibi_slopes``, ``sinks``; shared by every backend that takes them):
+  * ``alibi_slopes`` fp32 ``[Hq]`` or ``[B, Hq]`` adds ``-slope * |i + diag - j|`` to the logit of query ``i`` and
+    key ``j`` (after softcap, before masks): the distance to the query's own position, bottom-right aligned.
+    flash-attn adds ``slope * j`` instead under plain causal masking, the same softmax with an lse shifted by
+    ``slope * (i + diag)`` per row; ``tileattn.flash_attn_compat`` returns flash-attn's lse.
+  * ``sinks`` ``[Hq]``: one logit per head (in the units of the scaled scores) that joins every row's softmax
+    denominator and attends to nothing: ``out = sum_j exp(s_j - lse) v_j`` with
+    ``lse = log(exp(sink) + sum_j exp(s_j))``. A row that sees no key returns 0 with lse ``sink``; a NaN sink
+    makes its head's rows NaN; ``-inf`` is no sink.
+
 NaN and Inf (shared by every backend): the logits ``q @ k^T * scale`` (softcapped, plus an additive mask)
 follow IEEE arithmetic, then for each query row:
   * a key whose logit is ``-inf`` is absent: masked out by causal, window or a bool mask (False), a ``-inf``
@@ -73,11 +83,21 @@ def visible_keys(rows: torch.Tensor, cols: torch.Tensor, diag: int, left: int, r
     return visible
 
 
-def _scores_to_logits(scores, scale, softcap, mask, visible):
-    """Scaled (and optionally tanh-capped) scores with the additive/boolean mask and the window applied."""
+def alibi_bias(slopes, rows, cols, diag):
+    """``-slope * |i + diag - j|`` for query rows ``rows`` and keys ``cols``: ``slopes [..., H]`` gives
+    ``[..., H, len(rows), len(cols)]`` in the slopes' dtype."""
+    distance = (cols[None, :] - (rows[:, None] + diag)).abs().to(slopes.dtype)
+    return -slopes[..., None, None] * distance
+
+
+def _scores_to_logits(scores, scale, softcap, mask, visible, bias=None):
+    """Scaled (and optionally tanh-capped) scores plus ``bias`` (ALiBi), with the additive/boolean mask and the
+    window applied."""
     scores = scores * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -158,9 +178,19 @@ def _defaults(q, k, scale, mask):
     return scale, mask
 
 
+def _per_batch(values, b):
+    """``[H]`` or ``[B, H]`` as ``[b or 1, H]``, so it broadcasts over a batch of ``b``."""
+    return values[None] if values.dim() == 1 else values
+
+
+def _sink_logits(sinks, dtype):
+    """``sinks [H]`` as ``[1, H, 1, 1]`` logits in ``dtype``."""
+    return sinks.to(dtype)[None, :, None, None]
+
+
 def naive_attention(
-    q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
-    compute_dtype=None,
+    q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, alibi_slopes=None, sinks=None,
+    return_lse=False, compute_dtype=None,
 ):
     """Standard attention that materializes the ``[B, Hq, Sq, Sk]`` score matrix.
 
@@ -181,8 +211,12 @@ def naive_attention(
     scores = torch.matmul(q.to(dtype), kf.transpose(-1, -2))
     rows = torch.arange(sq, device=q.device)
     cols = torch.arange(sk, device=q.device)
-    logits = _scores_to_logits(scores, scale, softcap, mask, visible_keys(rows, cols, sk - sq, left, right))
+    bias = None if alibi_slopes is None else alibi_bias(_per_batch(alibi_slopes, q.shape[0]).to(dtype), rows, cols,
+                                                          sk - sq)
+    logits = _scores_to_logits(scores, scale, softcap, mask, visible_keys(rows, cols, sk - sq, left, right), bias)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if sinks is not None:  # the sink joins the denominator: log(exp(sink) + sum_j exp(s_j))
+        lse = torch.logaddexp(lse, _sink_logits(sinks, lse.dtype).expand_as(lse))
     # logsumexp is +inf on a row with a +inf logit (and no NaN); the row's output is NaN (inf / inf): so is its lse.
     lse = lse.masked_fill(lse == float("inf"), float("nan"))
     # exp(logits - lse) is NaN on rows that see nothing (-inf - -inf): those rows get weights 0.
@@ -194,8 +228,8 @@ def naive_attention(
 
 
 def tiled_attention(
-    q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
-    block_q=256, block_k=512,
+    q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, alibi_slopes=None, sinks=None,
+    return_lse=False, block_q=256, block_k=512,
 ):
     """The FlashAttention algorithm in PyTorch ops (backend ``"torch"``).
 
@@ -220,6 +254,9 @@ def tiled_attention(
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
     values_finite = values_known_finite(v)
     mask5 = None if mask is None else mask.view(b, hkv, group, sq, sk)
+    slopes5 = None if alibi_slopes is None else _per_batch(alibi_slopes, b).to(acc_dtype).view(-1, hkv, group)
+    # A sink is a key of logit `sink` and value 0 seen by every row: the running max starts at it, with weight 1.
+    sink5 = None if sinks is None else sinks.to(acc_dtype).view(1, hkv, group, 1, 1)
     for q0 in range(0, sq, block_q):
         q1 = min(q0 + block_q, sq)
         # Query heads grouped by the K/V head they read: [B, Hkv, G, rows, D].
@@ -227,6 +264,9 @@ def tiled_attention(
         rows = torch.arange(q0, q1, device=q.device)
         m = torch.full((b, hkv, group, q1 - q0, 1), float("-inf"), dtype=acc_dtype, device=q.device)
         l = torch.zeros_like(m)
+        if sink5 is not None:
+            m = torch.maximum(m, sink5)  # maximum propagates a NaN sink: its rows are NaN
+            l = torch.where(sink5 == float("-inf"), 0.0, torch.where(sink5.isnan(), float("nan"), 1.0)).expand_as(m)
         acc = torch.zeros(b, hkv, group, q1 - q0, d, dtype=acc_dtype, device=q.device)
         # Key range any row of this block may see; blocks outside it are never touched.
         k_lo = 0 if left == UNBOUNDED else max(0, q0 + diag - left)
@@ -236,8 +276,9 @@ def tiled_attention(
             cols = torch.arange(k0, k1, device=q.device)
             scores = torch.matmul(qb, k5[:, :, :, k0:k1].to(acc_dtype).transpose(-1, -2))
             block_mask = None if mask5 is None else mask5[..., q0:q1, k0:k1]
+            bias = None if slopes5 is None else alibi_bias(slopes5, rows, cols, diag)
             logits = _scores_to_logits(scores, scale, softcap, block_mask,
-                                       visible_keys(rows, cols, diag, left, right))
+                                       visible_keys(rows, cols, diag, left, right), bias)
             m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
             p = torch.exp(logits - m_safe)
@@ -256,11 +297,26 @@ def tiled_attention(
     return out
 
 
+def _sequence_options(options, b):
+    """``options`` for sequence ``b`` alone: per-sequence ALiBi slopes ``[B, Hq]`` become its row ``[Hq]``."""
+    slopes = options.get("alibi_slopes")
+    if slopes is None or slopes.dim() == 1:
+        return options
+    return {**options, "alibi_slopes": slopes[b]}
+
+
+def _lse_of_keyless_rows(sinks, heads, dtype, device):
+    """lse ``[heads, 1]`` of rows that see no key: ``-inf``, or with sinks their head's sink."""
+    if sinks is None:
+        return torch.full((heads, 1), float("-inf"), dtype=dtype, device=device)
+    return sinks.to(dtype=dtype, device=device)[:, None]
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, impl=tiled_attention, **options):
     """Packed sequences (q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``), one sequence at a time through
     ``impl``. Returns ``out [total_q, Hq, D]`` or ``(out, lse [Hq, total_q])``."""
     out = torch.empty_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype), device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         (q0, q1), (k0, k1) = (cq[b], cq[b + 1]), (ck[b], ck[b + 1])
@@ -269,8 +325,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, i
         seq = [t[None].transpose(1, 2) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, S, D] views
         if k1 == k0:
             out[q0:q1] = 0
+            lse[:, q0:q1] = _lse_of_keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
             continue
-        o, l = impl(*seq, return_lse=True, **options)
+        o, l = impl(*seq, return_lse=True, **_sequence_options(options, b))
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l[0]
     return (out, lse) if return_lse else out
@@ -296,9 +353,9 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block
         k = gather_cache(k_cache, b, length, block_table)[None]
         v = gather_cache(v_cache, b, length, block_table)[None]
         if length == 0:
-            out[b], lse[b] = 0, float("-inf")
+            out[b], lse[b] = 0, _lse_of_keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
             continue
-        o, l = impl(q[b:b + 1], k, v, return_lse=True, **options)
+        o, l = impl(q[b:b + 1], k, v, return_lse=True, **_sequence_options(options, b))
         out[b], lse[b] = o[0], l[0]
     return (out, lse) if return_lse else out
 

@@ -8,8 +8,11 @@ Code written against flash-attn runs where flash-attn cannot be built::
 
 Same argument names, ``[batch, seqlen, heads, head_dim]`` layout, bottom-right causal alignment,
 ``window_size=(left, right)`` with -1 for unbounded, ``softcap=0.0`` meaning off, and the same return
-values. Inference only: ``dropout_p`` must be 0; ``alibi_slopes``, rotary embeddings inside
-``flash_attn_with_kvcache``, ``cache_batch_idx`` and ``cache_leftpad`` raise ``NotImplementedError``.
+values. ``alibi_slopes`` (fp32 ``[Hq]`` or ``[B, Hq]``) follow flash-attn's rule, lse included (under plain causal
+masking flash-attn adds ``slope * j``, which shifts each row's lse by ``slope * (i + Sk - Sq)`` from tileattn's
+``-slope * |i + Sk - Sq - j|``; the returned lse is flash-attn's). Inference only: ``dropout_p`` must be 0; rotary
+embeddings inside ``flash_attn_with_kvcache``, ``cache_batch_idx`` and ``cache_leftpad`` raise
+``NotImplementedError``.
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
 as a testing aid that may be wrongly scaled; tileattn never materializes them.
 """
@@ -26,11 +29,23 @@ __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_fu
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
     if dropout_p:
         raise ValueError("dropout_p must be 0: tileattn is an inference library")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes are not supported by tileattn")
     left, right = window_size
     window = None if (left, right) == (-1, -1) else (left, right)
-    return dict(scale=softmax_scale, causal=causal, window=window, softcap=softcap or None)
+    return dict(scale=softmax_scale, causal=causal, window=window, softcap=softcap or None, alibi_slopes=alibi_slopes)
+
+
+def _alibi_column_bias(alibi_slopes, causal, window_size, seqlen_k):
+    """Whether flash-attn applies ALiBi as ``slope * j`` here: its "causal" case, right bound 0 and no left bound
+    (a bound of at least Sk is none)."""
+    left, right = window_size
+    return alibi_slopes is not None and (causal or right == 0) and (left < 0 or left >= seqlen_k)
+
+
+def _flash_attn_lse(lse, alibi_slopes, query_positions):
+    """tileattn's lse ``[B, Hq, Sq]`` -> flash-attn's under causal ALiBi: ``+ slope * (i + Sk - Sq)``, with
+    ``query_positions [B or 1, Sq]`` the ``i + Sk - Sq`` of each row."""
+    slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
+    return lse + slopes[:, :, None] * query_positions[:, None, :].to(lse.dtype)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -39,6 +54,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out, lse = api.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=True,
                              **_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
     out = out.transpose(1, 2)
+    if return_attn_probs and _alibi_column_bias(alibi_slopes, causal, window_size, k.shape[1]):
+        positions = torch.arange(q.shape[1], device=q.device) + (k.shape[1] - q.shape[1])
+        lse = _flash_attn_lse(lse, alibi_slopes, positions[None])
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -58,6 +76,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                     return_lse=True,
                                     **_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
+    if return_attn_probs and _alibi_column_bias(alibi_slopes, causal, window_size, int(max_seqlen_k)):
+        # Row i of sequence b sits at i + len_k[b] - len_q[b]; no host read (lengths stay on the device).
+        lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+        sequence = torch.repeat_interleave(torch.arange(len(lengths_q), device=q.device), lengths_q,
+                                           output_size=q.shape[0])
+        positions = (torch.arange(q.shape[0], device=q.device) - cu_seqlens_q[sequence]
+                     + (lengths_k - lengths_q)[sequence])
+        slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[sequence].T  # [Hq] or [Hq, total_q]
+        lse = lse + (slopes[:, None] if slopes.dim() == 1 else slopes) * positions[None].to(lse.dtype)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -80,8 +107,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes are not supported by tileattn")
     window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    if alibi_slopes is not None:
+        result = api.attention_with_kvcache(
+            q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
+            k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),
+            block_table=block_table, causal=causal, scale=softmax_scale, window=window, softcap=softcap or None,
+            alibi_slopes=alibi_slopes, return_lse=True, num_splits=num_splits, check_bounds=False)
+        out, lse = result[0].transpose(1, 2), result[1]
+        capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+        if return_softmax_lse and _alibi_column_bias(alibi_slopes, causal, window_size, capacity):
+            # Row i of sequence b sits at i + cache_seqlens[b] (the new tokens are its last keys).
+            appended = 0 if k is None else q.shape[1]
+            positions = (cache_seqlens[:, None] + appended - q.shape[1]
+                         + torch.arange(q.shape[1], device=q.device)[None])
+            lse = _flash_attn_lse(lse, alibi_slopes, positions)
+        return (out, lse) if return_softmax_lse else out
     return api._attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal,
                                                  softmax_scale, window, softcap or None, return_softmax_lse, num_splits)

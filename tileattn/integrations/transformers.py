@@ -17,8 +17,9 @@ Semantics follow ``transformers.integrations.sdpa_attention`` exactly, including
 without a mask, a causal call with more keys than queries is the prefill of an empty static cache, whose
 keys past the queries are unfilled slots, so they are cropped.
 
+Attention sinks (``s_aux``, gpt-oss) become ``sinks`` of :func:`tileattn.attention` (the PyTorch backend for now).
 Not supported (clear errors): ``output_attentions=True`` (the weights are never materialized: use
-``attn_implementation="eager"``), attention sinks (``s_aux``), dropout during training.
+``attn_implementation="eager"``), dropout during training.
 """
 
 from __future__ import annotations
@@ -38,15 +39,14 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='tileattn' never materializes attention weights; "
                          "load the model with attn_implementation='eager' to get output_attentions")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by tileattn yet")
     if dropout and module.training:
         raise ValueError("tileattn is an inference library: attention dropout is not supported (call model.eval())")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # Sliding windows (kwargs["sliding_window"]) are not passed on: Transformers builds them into the mask
     # whenever they matter (kv_length >= window), in absolute positions, which stay right with static caches
     # whose unfilled slots would shift a bottom-right-aligned window.
-    options = dict(scale=scaling, softcap=kwargs.get("softcap"), backend=_backend)
+    # s_aux (gpt-oss and others): one sink logit per head in the softmax denominator.
+    options = dict(scale=scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), backend=_backend)
     q_len, kv_len = query.shape[2], key.shape[2]
 
     if attention_mask is not None and attention_mask.dim() == 2:  # padding_mask's [B, Skv]: True = a real token
