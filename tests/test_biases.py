@@ -173,3 +173,34 @@ def test_alibi_is_shift_invariant_under_causality():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     shift = slopes[:, None].double() * (torch.arange(5, device=DEVICE) + 4)[None, :]
     torch.testing.assert_close(lse[0].double() + shift, ref_lse[0], atol=1e-5, rtol=1e-5)
+
+
+def test_keyless_rows_with_poisoned_sinks_agree_on_every_path():
+    """A NaN or +inf sink makes its head's rows NaN (out and lse) also where no key exists at all (Sk = 0, an empty
+    varlen sequence, an empty cache), as where every key is masked; a finite sink gives 0 and lse = sink."""
+    sinks = torch.tensor([0.5, float("nan"), float("inf"), float("-inf")], device=DEVICE)
+
+    def check(out, lse, heads_dim):  # out [..., Hq (heads_dim), ..., D]; lse with heads on heads_dim too
+        for h, (value, head_lse) in enumerate(((0.0, 0.5), (None, None), (None, None), (0.0, float("-inf")))):
+            o, l = out.select(heads_dim, h), lse.select(heads_dim, h)
+            if value is None:
+                assert o.isnan().all() and l.isnan().all()
+            else:
+                assert (o == value).all() and (l == head_lse).all()
+
+    q = torch.randn(1, 4, 3, 8, device=DEVICE)
+    empty = torch.randn(1, 2, 0, 8, device=DEVICE)
+    keep = torch.zeros(1, 1, 3, 5, dtype=torch.bool, device=DEVICE)
+    k = torch.randn(1, 2, 5, 8, device=DEVICE)
+    for backend in BACKENDS:
+        check(*tileattn.attention(q, empty, empty, sinks=sinks, return_lse=True, backend=backend), heads_dim=1)
+        check(*tileattn.attention(q, k, k, mask=keep, sinks=sinks, return_lse=True, backend=backend), heads_dim=1)
+        cu_q = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 0], dtype=torch.int32, device=DEVICE)
+        out, lse = tileattn.attention_varlen(q[0].transpose(0, 1), empty[0].transpose(0, 1), empty[0].transpose(0, 1),
+                                             cu_q, cu_k, 3, 0, sinks=sinks, return_lse=True, backend=backend)
+        check(out.transpose(0, 1), lse, heads_dim=0)  # out [tokens, Hq, D] -> [Hq, tokens, D]; lse [Hq, tokens]
+        cache = torch.randn(1, 2, 4, 8, device=DEVICE)
+        out, lse = tileattn.attention_with_kvcache(q, cache, cache, torch.zeros(1, dtype=torch.int32, device=DEVICE),
+                                                   sinks=sinks, return_lse=True, backend=backend)
+        check(out, lse, heads_dim=1)

@@ -129,13 +129,14 @@ def _check_biases(q, alibi_slopes, sinks, batch):
             raise ValueError(f"{name} must be on {q.device}, got {t.device}")
 
 
-def _keyless_lse(shape, sinks, dtype, device, heads_dim):
-    """lse of rows that see no key: ``-inf``, or their head's sink (heads on axis ``heads_dim`` of ``shape``)."""
-    if sinks is None:
-        return torch.full(shape, float("-inf"), dtype=dtype, device=device)
+def _keyless(q, shape, sinks, heads_dim):
+    """``(out like q, lse of ``shape``)`` of a call whose rows see no key (heads on axis ``heads_dim`` of ``shape``,
+    the lse's shape): 0 and ``-inf``, or what :func:`tileattn.reference.keyless_rows` gives with sinks."""
+    fill, lse = reference.keyless_rows(sinks, q.shape[-2] if q.dim() == 3 else q.shape[1], lse_dtype(q.dtype), q.device)
     view = [1] * len(shape)
     view[heads_dim] = -1
-    return sinks.to(dtype).view(view).expand(shape).clone()
+    out_view = [1, -1, 1] if q.dim() == 3 else [1, -1, 1, 1]  # [tokens, Hq, D] or [B, Hq, S, D]
+    return fill.to(q.dtype).view(out_view).expand(q.shape).clone(), lse.view(view).expand(shape).clone()
 
 
 def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse, backend):
@@ -143,8 +144,7 @@ def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
     _check_biases(q, alibi_slopes, sinks, q.shape[0])
     if q.numel() == 0 or k.shape[2] == 0:
-        out = q.new_zeros(q.shape)
-        lse = _keyless_lse(q.shape[:3], sinks, lse_dtype(q.dtype), q.device, heads_dim=1)
+        out, lse = _keyless(q, q.shape[:3], sinks, heads_dim=1)
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
         out, lse = impl(q, k, v, window=call.window, return_lse=True, scale=call.scale, softcap=call.softcap,
@@ -272,8 +272,7 @@ def attention_varlen(
         chosen = _backend(q, backend)
     options = dict(scale=scale, softcap=softcap, **(dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}))
     if q.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
-        out = q.new_zeros(q.shape)
-        lse = _keyless_lse((q.shape[1], q.shape[0]), sinks, lse_dtype(q.dtype), q.device, heads_dim=0)
+        out, lse = _keyless(q, (q.shape[1], q.shape[0]), sinks, heads_dim=0)
     elif chosen == "triton":
         from . import ops
 

@@ -24,8 +24,9 @@ ALiBi and sinks (``alibi_slopes``, ``sinks``; shared by every backend that takes
     ``slope * (i + diag)`` per row; ``tileattn.flash_attn_compat`` returns flash-attn's lse.
   * ``sinks`` ``[Hq]``: one logit per head (in the units of the scaled scores) that joins every row's softmax
     denominator and attends to nothing: ``out = sum_j exp(s_j - lse) v_j`` with
-    ``lse = log(exp(sink) + sum_j exp(s_j))``. A row that sees no key returns 0 with lse ``sink``; a NaN sink
-    makes its head's rows NaN; ``-inf`` is no sink.
+    ``lse = log(exp(sink) + sum_j exp(s_j))``. A row that sees no key returns 0 with lse ``sink``; a NaN or
+    ``+inf`` sink makes its head's rows NaN (out and lse, keys or none), as a NaN or ``+inf`` logit does; ``-inf``
+    is no sink.
 
 NaN and Inf (shared by every backend): the logits ``q @ k^T * scale`` (softcapped, plus an additive mask)
 follow IEEE arithmetic, then for each query row:
@@ -305,11 +306,15 @@ def _sequence_options(options, b):
     return {**options, "alibi_slopes": slopes[b]}
 
 
-def _lse_of_keyless_rows(sinks, heads, dtype, device):
-    """lse ``[heads, 1]`` of rows that see no key: ``-inf``, or with sinks their head's sink."""
+def keyless_rows(sinks, heads, dtype, device):
+    """``(out, lse)`` per head, ``[heads, 1]`` each, of rows that see no key: 0 and ``-inf``; with sinks 0 and the
+    sink, except NaN and NaN for a NaN or ``+inf`` sink (a ``+inf`` logit makes its rows NaN, as for keys)."""
     if sinks is None:
-        return torch.full((heads, 1), float("-inf"), dtype=dtype, device=device)
-    return sinks.to(dtype=dtype, device=device)[:, None]
+        return (torch.zeros((heads, 1), dtype=dtype, device=device),
+                torch.full((heads, 1), float("-inf"), dtype=dtype, device=device))
+    sinks = sinks.to(dtype=dtype, device=device)[:, None]
+    poisoned = sinks.isnan() | (sinks == float("inf"))
+    return torch.where(poisoned, float("nan"), 0.0), torch.where(poisoned, float("nan"), sinks)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, impl=tiled_attention, **options):
@@ -324,8 +329,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, i
             continue
         seq = [t[None].transpose(1, 2) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, S, D] views
         if k1 == k0:
-            out[q0:q1] = 0
-            lse[:, q0:q1] = _lse_of_keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
+            fill, lse[:, q0:q1] = keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
+            out[q0:q1] = fill.to(out.dtype)[None]  # [1, Hq, 1] over [tokens, Hq, D]
             continue
         o, l = impl(*seq, return_lse=True, **_sequence_options(options, b))
         out[q0:q1] = o[0].transpose(0, 1)
@@ -353,7 +358,8 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block
         k = gather_cache(k_cache, b, length, block_table)[None]
         v = gather_cache(v_cache, b, length, block_table)[None]
         if length == 0:
-            out[b], lse[b] = 0, _lse_of_keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
+            fill, lse[b] = keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
+            out[b] = fill.to(out.dtype)[:, :, None]  # [Hq, 1, 1] over [Hq, Sq, D]
             continue
         o, l = impl(q[b:b + 1], k, v, return_lse=True, **_sequence_options(options, b))
         out[b], lse[b] = o[0], l[0]
