@@ -204,3 +204,11 @@ def test_keyless_rows_with_poisoned_sinks_agree_on_every_path():
         out, lse = tileattn.attention_with_kvcache(q, cache, cache, torch.zeros(1, dtype=torch.int32, device=DEVICE),
                                                    sinks=sinks, return_lse=True, backend=backend)
         check(out, lse, heads_dim=1)
+
+
+def test_explain_names_the_backend_that_runs_biased_calls():
+    q = torch.randn(1, 2, 4, 8, device=DEVICE)
+    decision = tileattn.explain(q, q, q, sinks=torch.zeros(2, device=DEVICE))
+    assert decision.backend == "torch" and "sinks" in decision.reason
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        tileattn.explain(q, q, q, alibi_slopes=torch.zeros(2, device=DEVICE), backend="triton")

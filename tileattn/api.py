@@ -216,14 +216,19 @@ def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse
 dispatch.on_reset(_prepared.clear)
 
 
-def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, return_lse=False,
-            backend="auto") -> dispatch.Decision:
+def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, alibi_slopes=None,
+            sinks=None, return_lse=False, backend="auto") -> dispatch.Decision:
     """Which backend :func:`attention` would run this call on, and why; nothing is computed.
 
     Takes :func:`attention`'s arguments and validates them the same way. Returns a
     :class:`tileattn.dispatch.Decision` (``.backend``, ``.reason``; ``print()`` shows both).
     """
     scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
+    if alibi_slopes is not None or sinks is not None:
+        chosen = _bias_backend(backend, alibi_slopes, sinks)
+        _check_biases(q, alibi_slopes, sinks, q.shape[0])
+        return dispatch.Decision(chosen, "ALiBi slopes and sinks run on the PyTorch backends for now"
+                                 + (" (auto: the tiled one)" if backend == "auto" else ""))
     return _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
 
 
