@@ -158,3 +158,24 @@ def test_alibi_in_kvcache_decode():
                                                   slopes, causal=True)
         torch.testing.assert_close(out[b:b + 1].double(), ref, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_forms_and_tensor_window_sizes():
+    """kvpacked, varlen kvpacked / qkvpacked give the unpacked functions' results; window_size may hold 0-d
+    tensors, as flash-attn accepts."""
+    q, k, v = bshd(2, 11, 4, 32), bshd(2, 17, 2, 32), bshd(2, 17, 2, 32)
+    window = (torch.tensor(5), torch.tensor(1))
+    expected = fa.flash_attn_func(q, k, v, window_size=(5, 1))
+    torch.testing.assert_close(fa.flash_attn_func(q, k, v, window_size=window), expected)
+    torch.testing.assert_close(fa.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), window_size=window), expected)
+    cu_q = torch.tensor([0, 11, 22], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 17, 34], dtype=torch.int32, device=DEVICE)
+    packed = fa.flash_attn_varlen_kvpacked_func(q.flatten(0, 1), torch.stack([k, v], dim=2).flatten(0, 1), cu_q, cu_k,
+                                                11, 17, window_size=window)
+    torch.testing.assert_close(packed.view(2, 11, 4, 32), expected)
+    qkv = bshd(2, 13, 12, 32).view(2, 13, 3, 4, 32)
+    self_attention = fa.flash_attn_qkvpacked_func(qkv, causal=True)
+    cu = torch.tensor([0, 13, 26], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(fa.flash_attn_varlen_qkvpacked_func(qkv.flatten(0, 1), cu, 13, causal=True).view(2, 13, 4, 32),
+                               self_attention)
+    assert_matches_oracle(self_attention.transpose(1, 2), *(qkv[:, :, i].transpose(1, 2) for i in range(3)), causal=True)

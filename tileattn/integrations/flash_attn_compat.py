@@ -23,21 +23,27 @@ import torch
 
 from .. import api
 
-__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
+
+
+def _window(window_size):
+    """``(left, right)`` as ints (flash-attn takes ints or 0-d tensors), or None for ``(-1, -1)``."""
+    left, right = (int(side) for side in window_size)
+    return None if (left, right) == (-1, -1) else (left, right)
 
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
     if dropout_p:
         raise ValueError("dropout_p must be 0: tileattn is an inference library")
-    left, right = window_size
-    window = None if (left, right) == (-1, -1) else (left, right)
-    return dict(scale=softmax_scale, causal=causal, window=window, softcap=softcap or None, alibi_slopes=alibi_slopes)
+    return dict(scale=softmax_scale, causal=causal, window=_window(window_size), softcap=softcap or None,
+                alibi_slopes=alibi_slopes)
 
 
 def _alibi_column_bias(alibi_slopes, causal, window_size, seqlen_k):
     """Whether flash-attn applies ALiBi as ``slope * j`` here: its "causal" case, right bound 0 and no left bound
     (a bound of at least Sk is none)."""
-    left, right = window_size
+    left, right = (int(side) for side in window_size)
     return alibi_slopes is not None and (causal or right == 0) and (left < 0 or left >= seqlen_k)
 
 
@@ -58,6 +64,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         positions = torch.arange(q.shape[1], device=q.device) + (k.shape[1] - q.shape[1])
         lse = _flash_attn_lse(lse, alibi_slopes, positions[None])
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                             alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q ``[B, Sq, Hq, D]``, kv ``[B, Sk, 2, Hkv, D]`` -> out ``[B, Sq, Hq, D]``."""
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -107,7 +120,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    window = _window(window_size)
     if alibi_slopes is not None:
         result = api.attention_with_kvcache(
             q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
@@ -125,3 +138,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return (out, lse) if return_softmax_lse else out
     return api._attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal,
                                                  softmax_scale, window, softcap or None, return_softmax_lse, num_splits)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q ``[total_q, Hq, D]``, kv ``[total_k, 2, Hkv, D]`` -> out ``[total_q, Hq, D]``."""
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv ``[total, 3, H, D]`` -> out ``[total, H, D]``."""
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
