@@ -179,3 +179,17 @@ def test_packed_forms_and_tensor_window_sizes():
     torch.testing.assert_close(fa.flash_attn_varlen_qkvpacked_func(qkv.flatten(0, 1), cu, 13, causal=True).view(2, 13, 4, 32),
                                self_attention)
     assert_matches_oracle(self_attention.transpose(1, 2), *(qkv[:, :, i].transpose(1, 2) for i in range(3)), causal=True)
+
+
+def test_out_of_bounds_block_table_is_the_error_flash_attn_users_catch():
+    """A page id outside the pool: flash-attn raises RuntimeError naming block_table; ours is also a ValueError.
+    (Checked where the lengths are read on the host anyway: the PyTorch path, and check_bounds=True.)"""
+    k_cache, v_cache = bshd(4, 8, 2, 16), bshd(4, 8, 2, 16)
+    q = bshd(1, 1, 4, 16)
+    table = torch.tensor([[0, 9]], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([12], dtype=torch.int32, device=DEVICE)
+    from tileattn.api import attention_with_kvcache
+    with pytest.raises(RuntimeError, match="block_table") as caught:
+        attention_with_kvcache(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), seqlens,
+                               block_table=table)
+    assert isinstance(caught.value, ValueError)

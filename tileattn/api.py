@@ -394,6 +394,11 @@ def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new,
     return (out, lse) if return_lse else out
 
 
+class CacheBoundsError(ValueError, RuntimeError):
+    """Cache lengths or page ids outside the cache (``attention_with_kvcache``'s bounds check): a ValueError, and a
+    RuntimeError as flash-attn raises for them."""
+
+
 class _KVCacheCall(NamedTuple):
     """A validated ``attention_with_kvcache`` call, normalized, with its backend."""
 
@@ -534,17 +539,17 @@ def _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table):
     """Every sequence's tokens (after the append) fit its cache row or its pages, and page ids exist."""
     lengths = cache_seqlens.long() + new_tokens
     if cache_seqlens.numel() and int(cache_seqlens.min()) < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
+        raise CacheBoundsError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
     capacity = k_cache.shape[2] * (block_table.shape[1] if block_table is not None else 1)
     if lengths.numel() and int(lengths.max()) > capacity:
-        raise ValueError(f"a sequence of {int(lengths.max())} tokens (cache_seqlens + new tokens) exceeds the "
+        raise CacheBoundsError(f"a sequence of {int(lengths.max())} tokens (cache_seqlens + new tokens) exceeds the "
                          f"cache capacity of {capacity} tokens per sequence")
     if block_table is not None and lengths.numel():
         used = (lengths + k_cache.shape[2] - 1) // k_cache.shape[2]  # pages each sequence uses
         in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
         ids = block_table[in_use]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table holds page ids outside [0, {k_cache.shape[0]}) in pages in use")
+            raise CacheBoundsError(f"block_table holds page ids outside [0, {k_cache.shape[0]}) in pages in use")
 
 
 def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batch=True):
