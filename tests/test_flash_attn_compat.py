@@ -100,7 +100,9 @@ def test_unsupported_arguments_are_clear_errors():
         fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float64))
     with pytest.raises(ValueError, match="dropout_p must be 0"):
         fa.flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="rotary_cos"):
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+        fa.flash_attn_with_kvcache(q, q, q, cache_leftpad=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="rotary_cos"):
         fa.flash_attn_with_kvcache(q, q, q, rotary_cos=torch.ones(4, 8, device=DEVICE))
 
 
@@ -193,3 +195,45 @@ def test_out_of_bounds_block_table_is_the_error_flash_attn_users_catch():
         attention_with_kvcache(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), seqlens,
                                block_table=table)
     assert isinstance(caught.value, ValueError)
+
+
+def rotate_reference(x, cos, sin, positions, interleaved):
+    """Rotary embedding written out per pair of dims: x ``[B, S, H, D]``, positions ``[B, S]``."""
+    out = x.double().clone()
+    half = cos.shape[1]
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+        c, s = cos[positions, i].double()[:, :, None], sin[positions, i].double()[:, :, None]
+        out[..., a] = x[..., a].double() * c - x[..., b].double() * s
+        out[..., b] = x[..., b].double() * c + x[..., a].double() * s
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rotary_and_cache_batch_idx_in_kvcache(interleaved, causal, kvcache_backend):
+    """Rotary at the cache positions (q at them when causal, else all at cache_seqlens), new keys rotated before the
+    append; cache_batch_idx picks each sequence's cache row: equal to rotating by hand and indexing the rows."""
+    b, hq, hkv, d, rotary_dim, new = 2, 4, 2, 32, 16, 3
+    k_cache, v_cache = bshd(3, 40, hkv, d, torch.float32), bshd(3, 40, hkv, d, torch.float32)
+    q, k, v = bshd(b, new, hq, d, torch.float32), bshd(b, new, hkv, d, torch.float32), bshd(b, new, hkv, d, torch.float32)
+    angles = torch.rand(64, rotary_dim // 2, device=DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    lengths = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths,
+                                     cache_batch_idx=rows, causal=causal, rotary_interleaved=interleaved)
+    positions = lengths.long()[:, None] + torch.arange(new, device=DEVICE)[None]
+    k_rot = rotate_reference(k, cos, sin, positions, interleaved)
+    q_rot = rotate_reference(q, cos, sin, positions if causal else lengths.long()[:, None].expand(b, new), interleaved)
+    for i in range(b):
+        row, n = int(rows[i]), int(lengths[i])
+        expected_k[row, n:n + new], expected_v[row, n:n + new] = k_rot[i], v[i]
+    torch.testing.assert_close(k_cache, expected_k)
+    torch.testing.assert_close(v_cache, expected_v)
+    for i in range(b):
+        row, n = int(rows[i]), int(lengths[i])
+        keys, values = expected_k[row:row + 1, : n + new], expected_v[row:row + 1, : n + new]
+        assert_matches_oracle(out[i:i + 1].transpose(1, 2), q_rot[i:i + 1].transpose(1, 2), keys.transpose(1, 2),
+                              values.transpose(1, 2), causal=causal)

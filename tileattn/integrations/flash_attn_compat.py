@@ -10,8 +10,8 @@ Same argument names, ``[batch, seqlen, heads, head_dim]`` layout, bottom-right c
 ``window_size=(left, right)`` with -1 for unbounded, ``softcap=0.0`` meaning off, and the same return
 values. ``alibi_slopes`` (fp32 ``[Hq]`` or ``[B, Hq]``) follow flash-attn's rule, lse included (under plain causal
 masking flash-attn adds ``slope * j``, which shifts each row's lse by ``slope * (i + Sk - Sq)`` from tileattn's
-``-slope * |i + Sk - Sq - j|``; the returned lse is flash-attn's). Inference only: ``dropout_p`` must be 0; rotary
-embeddings inside ``flash_attn_with_kvcache``, ``cache_batch_idx`` and ``cache_leftpad`` raise
+``-slope * |i + Sk - Sq - j|``; the returned lse is flash-attn's). ``flash_attn_with_kvcache`` takes rotary
+embeddings and ``cache_batch_idx``. Inference only: ``dropout_p`` must be 0; ``cache_leftpad`` raises
 ``NotImplementedError``.
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
 as a testing aid that may be wrongly scaled; tileattn never materializes them.
@@ -101,6 +101,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse, None) if return_attn_probs else out
 
 
+def _rotate(x, cos, sin, positions, interleaved):
+    """Rotary embedding of ``x [B, S, H, D]`` at ``positions [B, S]`` over its first ``2 * cos.shape[1]`` dims
+    (computed in fp32, the rest unchanged)."""
+    half = cos.shape[1]
+    c, s = (t.float()[positions][:, :, None] for t in (cos, sin))  # [B, S, 1, half]
+    rotated = x[..., : 2 * half].float()
+    if interleaved:
+        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rotated[..., :half], rotated[..., half:]
+        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., 2 * half:]], dim=-1)
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
@@ -110,17 +125,33 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted on the GPU: they are not read back to the
     host (a device sync per call); a length past the cache's capacity is clamped to it, never read or written
-    beyond. The PyTorch paths (CPU) check them. ``tileattn.attention_with_kvcache`` checks them by default."""
-    if rotary_cos is not None or rotary_sin is not None or cache_batch_idx is not None or cache_leftpad is not None:
-        for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
-                            ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
-            if value is not None:
-                raise NotImplementedError(f"{name} is not supported by tileattn's flash_attn_with_kvcache")
+    beyond. The PyTorch paths (CPU) check them. ``tileattn.attention_with_kvcache`` checks them by default.
+
+    ``rotary_cos``/``rotary_sin`` ``[seqlen_ro, rotary_dim / 2]`` rotate the new keys at positions
+    ``cache_seqlens[b] + i`` and q at the same positions when causal or windowed, else all at ``cache_seqlens[b]``
+    (``rotary_interleaved``: pairs ``(0, 1), (2, 3)...``, else ``(i, i + rotary_dim / 2)``), before the append.
+    ``cache_batch_idx`` int ``[B]``: sequence ``b`` uses cache row ``cache_batch_idx[b]`` (contiguous caches)."""
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported by tileattn's flash_attn_with_kvcache")
     if cache_seqlens is None:  # flash-attn: the whole cache is valid
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     window = _window(window_size)
+    if cache_batch_idx is not None:
+        if block_table is not None:
+            raise ValueError("cache_batch_idx cannot be used with block_table (as in flash-attn)")
+        # Cache rows picked per sequence: the cache as a pool of one-row pages, cache_batch_idx as the page table.
+        block_table = cache_batch_idx.to(torch.int32).view(-1, 1)
+    if rotary_cos is not None or rotary_sin is not None:
+        if rotary_cos is None or rotary_sin is None or k is None:
+            raise ValueError("rotary_cos and rotary_sin go together and need the new keys k and v")
+        start = cache_seqlens.long()[:, None]
+        k = _rotate(k, rotary_cos, rotary_sin, start + torch.arange(k.shape[1], device=q.device)[None],
+                    rotary_interleaved)
+        positions = start + torch.arange(q.shape[1], device=q.device)[None]
+        q_positions = positions if causal or window is not None else start.expand_as(positions)
+        q = _rotate(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
     if alibi_slopes is not None:
         result = api.attention_with_kvcache(
             q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
