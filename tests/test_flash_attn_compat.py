@@ -100,8 +100,9 @@ def test_unsupported_arguments_are_clear_errors():
         fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float64))
     with pytest.raises(ValueError, match="dropout_p must be 0"):
         fa.flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        fa.flash_attn_with_kvcache(q, q, q, cache_leftpad=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        fa.flash_attn_with_kvcache(q, q, q, cache_leftpad=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+                                   block_table=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="rotary_cos"):
         fa.flash_attn_with_kvcache(q, q, q, rotary_cos=torch.ones(4, 8, device=DEVICE))
 
@@ -237,3 +238,30 @@ def test_rotary_and_cache_batch_idx_in_kvcache(interleaved, causal, kvcache_back
         keys, values = expected_k[row:row + 1, : n + new], expected_v[row:row + 1, : n + new]
         assert_matches_oracle(out[i:i + 1].transpose(1, 2), q_rot[i:i + 1].transpose(1, 2), keys.transpose(1, 2),
                               values.transpose(1, 2), causal=causal)
+
+
+@pytest.mark.parametrize("with_batch_idx", [False, True])
+def test_cache_leftpad(with_batch_idx, kvcache_backend):
+    """Sequence b's tokens occupy slots leftpad[b] .. cache_seqlens[b] of its row; the new tokens go at cache_seqlens[b]
+    and rotary positions count from the first real token."""
+    b, hq, hkv, d, new = 2, 4, 2, 32, 2
+    k_cache, v_cache = bshd(3, 30, hkv, d, torch.float32), bshd(3, 30, hkv, d, torch.float32)
+    q, k, v = bshd(b, new, hq, d, torch.float32), bshd(b, new, hkv, d, torch.float32), bshd(b, new, hkv, d, torch.float32)
+    angles = torch.rand(64, 8, device=DEVICE) * 6
+    leftpad = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([10, 17], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE) if with_batch_idx else None
+    before = k_cache.clone(), v_cache.clone()
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=angles.cos(), rotary_sin=angles.sin(),
+                                     cache_seqlens=ends, cache_leftpad=leftpad, cache_batch_idx=rows, causal=True)
+    for i in range(b):
+        row = i if rows is None else int(rows[i])
+        start, end = int(leftpad[i]), int(ends[i])
+        positions = torch.arange(end - start, end - start + new, device=DEVICE)[None]
+        k_rot = rotate_reference(k[i:i + 1], angles.cos(), angles.sin(), positions, True)
+        q_rot = rotate_reference(q[i:i + 1], angles.cos(), angles.sin(), positions, True)
+        torch.testing.assert_close(k_cache[row, end:end + new], k_rot[0])
+        torch.testing.assert_close(k_cache[row, :end], before[0][row, :end])  # nothing else written
+        keys, values = k_cache[row:row + 1, start:end + new], v_cache[row:row + 1, start:end + new]
+        assert_matches_oracle(out[i:i + 1].transpose(1, 2), q_rot.transpose(1, 2), keys.transpose(1, 2),
+                              values.transpose(1, 2), causal=True)

@@ -11,8 +11,7 @@ Same argument names, ``[batch, seqlen, heads, head_dim]`` layout, bottom-right c
 values. ``alibi_slopes`` (fp32 ``[Hq]`` or ``[B, Hq]``) follow flash-attn's rule, lse included (under plain causal
 masking flash-attn adds ``slope * j``, which shifts each row's lse by ``slope * (i + Sk - Sq)`` from tileattn's
 ``-slope * |i + Sk - Sq - j|``; the returned lse is flash-attn's). ``flash_attn_with_kvcache`` takes rotary
-embeddings and ``cache_batch_idx``. Inference only: ``dropout_p`` must be 0; ``cache_leftpad`` raises
-``NotImplementedError``.
+embeddings, ``cache_batch_idx`` and ``cache_leftpad``. Inference only: ``dropout_p`` must be 0.
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
 as a testing aid that may be wrongly scaled; tileattn never materializes them.
 """
@@ -130,23 +129,36 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``rotary_cos``/``rotary_sin`` ``[seqlen_ro, rotary_dim / 2]`` rotate the new keys at positions
     ``cache_seqlens[b] + i`` and q at the same positions when causal or windowed, else all at ``cache_seqlens[b]``
     (``rotary_interleaved``: pairs ``(0, 1), (2, 3)...``, else ``(i, i + rotary_dim / 2)``), before the append.
-    ``cache_batch_idx`` int ``[B]``: sequence ``b`` uses cache row ``cache_batch_idx[b]`` (contiguous caches)."""
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported by tileattn's flash_attn_with_kvcache")
+    ``cache_batch_idx`` int ``[B]``: sequence ``b`` uses cache row ``cache_batch_idx[b]`` (contiguous caches).
+    ``cache_leftpad`` int32 ``[B]``: sequence ``b``'s tokens start at that slot of its row; ``cache_seqlens`` still
+    counts from the row's start, and rotary positions from the first real token."""
     if cache_seqlens is None:  # flash-attn: the whole cache is valid
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     window = _window(window_size)
-    if cache_batch_idx is not None:
-        if block_table is not None:
-            raise ValueError("cache_batch_idx cannot be used with block_table (as in flash-attn)")
+    rotary_start = cache_seqlens.long()[:, None]
+    if (cache_batch_idx is not None or cache_leftpad is not None) and block_table is not None:
+        raise ValueError("cache_batch_idx and cache_leftpad cannot be used with block_table (as in flash-attn)")
+    if cache_leftpad is not None:
+        # Sequence b's tokens start at cache_leftpad[b] of its row: the cache as a pool of one-token pages, the page
+        # table listing row b's slots from there (cache_seqlens counts from the row's start, as in flash-attn).
+        if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
+            raise NotImplementedError("cache_leftpad needs each cache row to follow the previous one in memory")
+        capacity = k_cache.shape[1]
+        rows = (torch.arange(q.shape[0], device=q.device) if cache_batch_idx is None else cache_batch_idx.long())
+        slots = cache_leftpad.long()[:, None] + torch.arange(capacity, device=q.device)[None]
+        block_table = (rows[:, None] * capacity + slots.clamp(max=capacity - 1)).to(torch.int32)
+        cache_seqlens = (cache_seqlens - cache_leftpad).to(torch.int32)
+        rotary_start = cache_seqlens.long()[:, None]  # positions count from the first real token
+        k_cache, v_cache = (c.view(-1, 1, *c.shape[2:]) for c in (k_cache, v_cache))
+    elif cache_batch_idx is not None:
         # Cache rows picked per sequence: the cache as a pool of one-row pages, cache_batch_idx as the page table.
         block_table = cache_batch_idx.to(torch.int32).view(-1, 1)
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
             raise ValueError("rotary_cos and rotary_sin go together and need the new keys k and v")
-        start = cache_seqlens.long()[:, None]
+        start = rotary_start
         k = _rotate(k, rotary_cos, rotary_sin, start + torch.arange(k.shape[1], device=q.device)[None],
                     rotary_interleaved)
         positions = start + torch.arange(q.shape[1], device=q.device)[None]
