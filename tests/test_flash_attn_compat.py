@@ -265,3 +265,27 @@ def test_cache_leftpad(with_batch_idx, kvcache_backend):
         keys, values = k_cache[row:row + 1, start:end + new], v_cache[row:row + 1, start:end + new]
         assert_matches_oracle(out[i:i + 1].transpose(1, 2), q_rot.transpose(1, 2), keys.transpose(1, 2),
                               values.transpose(1, 2), causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_paged_varlen_prefill(causal, kvcache_backend):
+    """flash_attn_varlen_func with block_table: keys from a page pool equal the packed call over the same keys."""
+    lengths_q, lengths_k, page, hkv, d = [5, 12, 1], [9, 12, 30], 8, 2, 32
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+                  for n in (lengths_q, lengths_k))
+    q = torch.randn(sum(lengths_q), 4, d, device=DEVICE).half()
+    k, v = (torch.randn(sum(lengths_k), hkv, d, device=DEVICE).half() for _ in range(2))
+    expected, expected_lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 30, causal=causal,
+                                                          return_attn_probs=True)
+    pages_per_seq = 4
+    order = torch.randperm(len(lengths_k) * pages_per_seq + 2, device=DEVICE)
+    table = order[: len(lengths_k) * pages_per_seq].view(len(lengths_k), pages_per_seq).to(torch.int32)
+    k_pool, v_pool = (torch.randn(len(order), page, hkv, d, device=DEVICE).half() for _ in range(2))
+    for b, (start, n) in enumerate(zip(cu_k.tolist(), lengths_k)):
+        for j in range(n):
+            k_pool[table[b, j // page], j % page] = k[start + j]
+            v_pool[table[b, j // page], j % page] = v[start + j]
+    out, lse, _ = fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 12, 30, causal=causal,
+                                            return_attn_probs=True, block_table=table)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-3, rtol=2e-3)

@@ -79,18 +79,40 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
+def _paged_varlen(q, k_pool, v_pool, cu_seqlens_q, lengths_q, lengths_k, max_seqlen_q, block_table, options):
+    """Paged varlen prefill as one KV-cache call: each sequence's queries placed at the end of a
+    ``[B, max_seqlen_q]`` batch (bottom-right alignment keeps their positions; the rows in front are discarded), the
+    keys read through the page table. Returns ``(out [total_q, Hq, D], lse [Hq, total_q])``; no host read."""
+    batch, total = len(lengths_q), q.shape[0]
+    if total == 0 or max_seqlen_q == 0:
+        return q.new_zeros(q.shape), torch.full((q.shape[1], 0), float("-inf"), device=q.device)
+    sequence = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths_q, output_size=total)
+    row = torch.arange(total, device=q.device) - cu_seqlens_q[sequence] + (max_seqlen_q - lengths_q)[sequence]
+    padded = q.new_zeros(batch, max_seqlen_q, *q.shape[1:])
+    padded[sequence, row] = q
+    out, lse = api.attention_with_kvcache(
+        padded.transpose(1, 2), k_pool.transpose(1, 2), v_pool.transpose(1, 2), lengths_k.to(torch.int32),
+        block_table=block_table, return_lse=True, check_bounds=False, **options)
+    return out.transpose(1, 2)[sequence, row], lse[sequence, :, row].T
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
-    """q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]`` -> out ``[total_q, Hq, D]`` (plus lse ``[Hq, total_q]``)."""
+    """q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]`` -> out ``[total_q, Hq, D]`` (plus lse ``[Hq, total_q]``).
+    With ``block_table`` ``[B, max_pages]`` (paged prefill), k/v are page pools ``[num_pages, page_size, Hkv, D]``
+    holding each sequence's ``cu_seqlens_k`` keys."""
+    lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     if block_table is not None:
-        raise NotImplementedError("paged varlen prefill is not supported; use flash_attn_with_kvcache")
-    out, lse = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                    return_lse=True,
-                                    **_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
+        out, lse = _paged_varlen(q, k, v, cu_seqlens_q, lengths_q, lengths_k, int(max_seqlen_q), block_table,
+                                 _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
+    else:
+        out, lse = api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                        return_lse=True,
+                                        **_options(dropout_p, softmax_scale, causal, window_size, softcap,
+                                                   alibi_slopes))
     if return_attn_probs and _alibi_column_bias(alibi_slopes, causal, window_size, int(max_seqlen_k)):
         # Row i of sequence b sits at i + len_k[b] - len_q[b]; no host read (lengths stay on the device).
-        lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
         sequence = torch.repeat_interleave(torch.arange(len(lengths_q), device=q.device), lengths_q,
                                            output_size=q.shape[0])
         positions = (torch.arange(q.shape[0], device=q.device) - cu_seqlens_q[sequence]
