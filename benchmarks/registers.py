@@ -45,29 +45,30 @@ def build(fn, pointer_types, constexprs, num_warps, num_stages, floats=("sm_scal
     return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=kernel.metadata.shared)
 
 
-def prefill(head_dim, causal, dtype):
+def prefill(head_dim, causal, dtype, alibi=False, sinks=False):
     from tileattn.kernels import prefill as module
 
     block_m, block_n, num_warps, num_stages = module._CONFIGS[head_dim]
-    types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Mask="i8", CuSeqlensQ="i32", CuSeqlensK="i32")
+    types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Mask="i8", CuSeqlensQ="i32", CuSeqlensK="i32",
+                 Alibi="fp32", Sinks="fp32")
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
                       HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, RETURN_LSE=False,
-                      IS_VARLEN=False, INT64_INDEX=False, DOT_PRECISION="tf32")
+                      IS_VARLEN=False, INT64_INDEX=False, DOT_PRECISION="tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks)
     return build(module._prefill_kernel, types, constexprs, num_warps, num_stages)
 
 
-def decode(head_dim, causal, dtype, batch=1, kv_heads=8, group=4, split=True):
+def decode(head_dim, causal, dtype, batch=1, kv_heads=8, group=4, split=True, alibi=False, sinks=False):
     """The split-KV decode kernel for one query token per sequence, its H100 tile for this grid."""
     from tileattn.kernels import decode as module
 
     block_m = min(64, max(16, 1 << (group - 1).bit_length()))
     block_n, num_warps, num_stages = module.choose_config(batch, kv_heads, 1, 132)
     types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Workspace="fp32", SplitsDone="i32",
-                 BlockTable="i32", CacheSeqlens="i32", Mask="i8", KNew=dtype, VNew=dtype)
+                 BlockTable="i32", CacheSeqlens="i32", Mask="i8", KNew=dtype, VNew=dtype, Alibi="fp32", Sinks="fp32")
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
                       HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, PAGED=0,
                       HAS_SEQLENS=True, APPEND=False, SPLIT=split, RETURN_LSE=False, INT64_INDEX=False,
-                      DOT_PRECISION="tf32")
+                      DOT_PRECISION="tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks)
     return build(module._decode_kernel, types, constexprs, num_warps, num_stages)
 
 
@@ -77,5 +78,8 @@ if __name__ == "__main__":
     parser.add_argument("--head-dim", type=int, default=128, choices=[16, 32, 64, 128, 256])
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
+    parser.add_argument("--alibi", action="store_true")
+    parser.add_argument("--sinks", action="store_true")
     args = parser.parse_args()
-    print((prefill if args.kernel == "prefill" else decode)(args.head_dim, args.causal, args.dtype))
+    print((prefill if args.kernel == "prefill" else decode)(args.head_dim, args.causal, args.dtype, alibi=args.alibi,
+                                                            sinks=args.sinks))

@@ -10,7 +10,10 @@ from tileattn.reference import naive_attention
 
 from conftest import DEVICE
 
-BACKENDS = ("auto", "torch", "naive")
+# The interpreter's numpy warns on the NaN and inf - inf that NaN and +inf sinks produce; here that is the point.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+BACKENDS = ("auto", "triton", "torch", "naive")  # triton: the interpreter on CPU
 
 
 def expected(q, k, v, *, causal=False, window=None, softcap=None, slopes=None, sinks=None, keep=None):
@@ -64,8 +67,10 @@ OPTIONS = [dict(), dict(causal=True), dict(window=(6, 2)), dict(softcap=5.0, cau
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
-def test_attention(backend, kind, options):
-    b, hq, hkv, sq, sk, d = 2, 4, 2, 19, 27, 16
+@pytest.mark.parametrize("sq,sk", [(19, 27), (70, 90)], ids=["decode_kernel", "prefill_kernel"])
+def test_attention(backend, kind, options, sq, sk):
+    """(19, 27): 38 query rows per K/V head, Triton's split-KV kernel; (70, 90): 140, its prefill kernel."""
+    b, hq, hkv, d = 2, 4, 2, 16
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE) for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
     slopes, sinks = biases(kind, b, hq)
     options = dict(options)
@@ -211,4 +216,5 @@ def test_explain_names_the_backend_that_runs_biased_calls():
     decision = tileattn.explain(q, q, q, sinks=torch.zeros(2, device=DEVICE))
     assert decision.backend == "torch" and "sinks" in decision.reason
     with pytest.raises(ValueError, match="alibi_slopes"):
-        tileattn.explain(q, q, q, alibi_slopes=torch.zeros(2, device=DEVICE), backend="triton")
+        tileattn.explain(q, q, q, alibi_slopes=torch.zeros(2, device=DEVICE), backend="sdpa_flash")
+    assert tileattn.explain(q, q, q, sinks=torch.zeros(2, device=DEVICE), backend="triton").backend == "triton"

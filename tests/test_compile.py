@@ -31,6 +31,20 @@ def test_attention_compiles_without_graph_breaks():
     torch.testing.assert_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("sq", [8, 70], ids=["decode_kernel", "prefill_kernel"])
+def test_alibi_and_sinks_compile(sq):
+    q, k, v = random_qkv(2, 4, 2, sq, 80, 32, dtype=torch.float16, device=DEVICE)
+    slopes, sinks = torch.rand(2, 4, device=DEVICE), torch.randn(4, device=DEVICE)
+
+    def f(q, k, v):
+        return tileattn.attention(q, k, v, causal=True, alibi_slopes=slopes, sinks=sinks, return_lse=True,
+                                  backend="triton")
+
+    (out, lse), (ref, ref_lse) = compiled(f)(q, k, v), f(q, k, v)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+
+
 def test_varlen_compiles():
     cu = torch.tensor([0, 7, 30, 31], dtype=torch.int32, device=DEVICE)
     q, k, v = (torch.randn(31, h, 32, device=DEVICE).half() for h in (4, 2, 2))

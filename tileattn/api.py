@@ -51,7 +51,8 @@ def attention(
         alibi_slopes: fp32 ``[Hq]`` or ``[B, Hq]``: ALiBi, ``-slope * |i + Sk - Sq - j|`` added to the logits.
         sinks: ``[Hq]`` (any float dtype): one logit per head that joins each row's softmax denominator and
             attends to nothing (gpt-oss's ``s_aux``); lse includes it, a row that sees no key gets lse ``sink``.
-            ALiBi and sinks run on the ``torch``/``naive`` backends for now (``auto`` picks ``torch``).
+            ``auto`` runs ALiBi and sinks on ``torch`` until the Triton kernels' support (``backend="triton"``) is
+            measured on a GPU.
         return_lse: also return the natural-log logsumexp of each row, ``[B, Hq, Sq]``, fp32 (fp64 for fp64 inputs).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
@@ -95,19 +96,20 @@ def attention(
 
 # ---- ALiBi and attention sinks (the PyTorch backends for now) -----------------------------------------
 
-BIAS_BACKENDS = ("torch", "naive")
+BIAS_BACKENDS = ("triton", "torch", "naive")
 
 
 def _bias_backend(backend, alibi_slopes, sinks):
-    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes ``torch``; the others must take them."""
+    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes ``torch`` until the Triton kernels' support
+    is measured on a GPU (``backend="triton"`` runs them); SDPA cannot take them."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "torch"
     if backend not in BIAS_BACKENDS:
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
-        raise ValueError(f"{given} run on backend 'torch' or 'naive' (or 'auto'); backend={backend!r} does not take "
-                         "them yet")
+        raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
+                         "does not take them")
     return backend
 
 
@@ -143,13 +145,23 @@ def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_
     chosen = _bias_backend(backend, alibi_slopes, sinks)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
     _check_biases(q, alibi_slopes, sinks, q.shape[0])
+    options = dict(scale=call.scale, softcap=call.softcap, mask=None if mask is None else mask.expand(call.mask_shape),
+                   alibi_slopes=alibi_slopes, sinks=sinks)
     if q.numel() == 0 or k.shape[2] == 0:
         out, lse = _keyless(q, q.shape[:3], sinks, heads_dim=1)
+    elif chosen == "triton":
+        from . import ops
+
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            _warn_no_backward()
+        if call.decode_shaped:
+            out, lse = ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=call.window,
+                                      return_lse=True, num_splits=0, **options)
+        else:
+            out, lse = ops.run_prefill(q, k, v, window=call.window, return_lse=True, **options)
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
-        out, lse = impl(q, k, v, window=call.window, return_lse=True, scale=call.scale, softcap=call.softcap,
-                        mask=None if mask is None else mask.expand(call.mask_shape), alibi_slopes=alibi_slopes,
-                        sinks=sinks)
+        out, lse = impl(q, k, v, window=call.window, return_lse=True, **options)
     return (out, lse) if return_lse else out
 
 
@@ -227,8 +239,8 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
     if alibi_slopes is not None or sinks is not None:
         chosen = _bias_backend(backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
-        return dispatch.Decision(chosen, "ALiBi slopes and sinks run on the PyTorch backends for now"
-                                 + (" (auto: the tiled one)" if backend == "auto" else ""))
+        return dispatch.Decision(chosen, "ALiBi slopes and sinks: auto runs them on the tiled PyTorch backend for now"
+                                 if backend == "auto" else f"requested ({backend} takes ALiBi slopes and sinks)")
     return _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
 
 
@@ -337,7 +349,8 @@ def attention_with_kvcache(
             _warn_no_backward()
         out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
                                   block_table=block_table, return_lse=call.return_lse, num_splits=num_splits,
-                                  scale=call.scale, softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new)
+                                  scale=call.scale, softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new,
+                                  alibi_slopes=alibi_slopes, sinks=sinks)
     else:
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

@@ -22,31 +22,33 @@ def _lse_or_empty(lse, like):
 
 @torch.library.custom_op("tileattn::prefill", mutates_args=())
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-            window_left: int, window_right: int, softcap: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            window_left: int, window_right: int, softcap: float, return_lse: bool, alibi_slopes: torch.Tensor | None,
+            sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``prefill_attention``; softcap 0 means none; lse is empty unless ``return_lse``."""
     out, lse = prefill_attention(q, k, v, window=(window_left, window_right), scale=scale, softcap=softcap or None,
-                                 mask=mask, return_lse=return_lse)
+                                 mask=mask, alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse)
     return out, _lse_or_empty(lse, q)
 
 
 @prefill.register_fake
-def _(q, k, v, mask, scale, window_left, window_right, softcap, return_lse):
+def _(q, k, v, mask, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
     return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("tileattn::prefill_varlen", mutates_args=())
 def prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
-                   window_right: int, softcap: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   window_right: int, softcap: float, return_lse: bool, alibi_slopes: torch.Tensor | None,
+                   sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = prefill_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         window=(window_left, window_right), scale=scale, softcap=softcap or None,
-                                        return_lse=return_lse)
+                                        alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse)
     return out, _lse_or_empty(lse, q)
 
 
 @prefill_varlen.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
-      return_lse):
+      return_lse, alibi_slopes, sinks):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
 
 
@@ -54,16 +56,18 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
            block_table: torch.Tensor | None, mask: torch.Tensor | None, new_tokens: int, scale: float,
            window_left: int, window_right: int, softcap: float, return_lse: bool,
-           num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+           num_splits: int, alibi_slopes: torch.Tensor | None,
+           sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                                 window=(window_left, window_right), scale=scale, softcap=softcap or None, mask=mask,
-                                return_lse=return_lse, num_splits=num_splits, reuse_workspace=False)
+                                alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, num_splits=num_splits,
+                                reuse_workspace=False)
     return out, _lse_or_empty(lse, q)
 
 
 @decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, window_left, window_right, softcap,
-      return_lse, num_splits):
+      return_lse, num_splits, alibi_slopes, sinks):
     return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
 
 
@@ -71,23 +75,26 @@ def _result(out, lse, return_lse):
     return out, (lse if return_lse else None)
 
 
-def run_prefill(q, k, v, *, mask, scale, window, softcap, return_lse):
+def run_prefill(q, k, v, *, mask, scale, window, softcap, return_lse, alibi_slopes=None, sinks=None):
     if torch.compiler.is_compiling():
-        return _result(*prefill(q, k, v, mask, scale, *window, softcap or 0.0, return_lse), return_lse)
-    return prefill_attention(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse)
+        return _result(*prefill(q, k, v, mask, scale, *window, softcap or 0.0, return_lse, alibi_slopes, sinks),
+                       return_lse)
+    return prefill_attention(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask,
+                             alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse)
 
 
 def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, softcap,
-                       return_lse):
+                       return_lse, alibi_slopes=None, sinks=None):
     if torch.compiler.is_compiling():
         return _result(*prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                       *window, softcap or 0.0, return_lse), return_lse)
+                                       *window, softcap or 0.0, return_lse, alibi_slopes, sinks), return_lse)
     return prefill_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window=window,
-                                    scale=scale, softcap=softcap, return_lse=return_lse)
+                                    scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                    return_lse=return_lse)
 
 
 def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, scale, window, softcap, return_lse,
-               num_splits, mask=None, k_new=None, v_new=None, seq_first=False):
+               num_splits, mask=None, k_new=None, v_new=None, seq_first=False, alibi_slopes=None, sinks=None):
     """Decode attention; with ``k_new``/``v_new`` the new tokens are first written into the cache: in eager mode by
     the same launch, while compiling by PyTorch indexing (an in-place write Inductor sees) before the op.
     ``seq_first``: tensors in ``[B, S, H, D]`` order (eager mode only)."""
@@ -96,13 +103,14 @@ def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, s
             raise RuntimeError("seq_first decode is for eager calls: transpose to [B, H, S, D] under torch.compile")
         return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                                 window=window, scale=scale, softcap=softcap, return_lse=return_lse,
-                                num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=True)
+                                num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=True,
+                                alibi_slopes=alibi_slopes, sinks=sinks)
     if torch.compiler.is_compiling():
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         return _result(*decode(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, *window,
-                               softcap or 0.0, return_lse, num_splits), return_lse)
+                               softcap or 0.0, return_lse, num_splits, alibi_slopes, sinks), return_lse)
     return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
-                            window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse,
-                            num_splits=num_splits, k_new=k_new, v_new=v_new)
+                            window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes,
+                            sinks=sinks, return_lse=return_lse, num_splits=num_splits, k_new=k_new, v_new=v_new)
 

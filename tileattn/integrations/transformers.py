@@ -17,7 +17,7 @@ Semantics follow ``transformers.integrations.sdpa_attention`` exactly, including
 without a mask, a causal call with more keys than queries is the prefill of an empty static cache, whose
 keys past the queries are unfilled slots, so they are cropped.
 
-Attention sinks (``s_aux``, gpt-oss) become ``sinks`` of :func:`tileattn.attention` (the PyTorch backend for now).
+Attention sinks (``s_aux``, gpt-oss) become ``sinks`` of :func:`tileattn.attention`.
 Not supported (clear errors): ``output_attentions=True`` (the weights are never materialized: use
 ``attn_implementation="eager"``), dropout during training.
 """

@@ -164,6 +164,26 @@ def online_softmax_step(s, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
+def initial_state(sinks_ptrs, rows_ok, with_sink, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_SINKS: tl.constexpr):
+    """``(acc, m_i, l_i)`` before any key. With ``HAS_SINKS`` and ``with_sink`` (a scalar: the split that counts
+    the sink) each row starts from its head's sink (``sinks_ptrs``, ``[M]`` pointers, read where ``rows_ok``): a key
+    of logit ``sink`` and value 0, so ``(m, l) = (sink, 1)`` in log2 units; a row that then sees no key gives 0 and
+    lse = sink. A NaN or ``+inf`` sink starts ``l`` at NaN (its rows are NaN, as for a NaN or ``+inf`` logit);
+    ``-inf`` is no sink."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptrs, mask=rows_ok, other=float("-inf")).to(tl.float32) * LOG2E
+        sink = tl.where(with_sink, sink, float("-inf"))
+        m_i = sink
+        l_i = tl.where(sink == float("-inf"), 0.0, tl.where((sink != sink) | (sink == float("inf")), float("nan"), 1.0))
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def finalize(acc, m_i, l_i):
     """Normalized output and natural-log LSE; rows that saw no key give 0 and ``-inf`` (a NaN row keeps NaN in both:
     the test is ``l == 0``, which NaN fails)."""
@@ -176,13 +196,14 @@ def finalize(acc, m_i, l_i):
 
 @triton.jit
 def _attend_key_blocks(
-    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
+    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi,
     start_n, end_n, q_pos, offs_n, offs_d,
     stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
 
@@ -192,6 +213,8 @@ def _attend_key_blocks(
     slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
     others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0: ``[M, 1]``
     pointers, or one pointer with ``MASK_PER_KEY``. ``INT64_INDEX``: key index x stride may pass 2^31.
+    ``alibi`` (with ``HAS_ALIBI``): each row's ALiBi slope in log2 units, ``[M]``; the logit of key ``j`` loses
+    ``slope * |j - (q_pos + diag)|``, its distance to the query's own position.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
@@ -214,6 +237,8 @@ def _attend_key_blocks(
         k = load_tile(k_base + k_offs[None, :], cols[None, :], offs_d[:, None], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+        if HAS_ALIBI:
+            s -= alibi[:, None] * tl.abs(cols[None, :] - (q_pos[:, None] + diag)).to(tl.float32)
         if MASK_KIND != MASK_NONE:
             if MASK_PER_KEY:  # mask_base is one pointer: one row of BLOCK_N values serves every query row
                 user_mask = tl.load(mask_base + cols * stride_mn, mask=cols < seqlen_k, other=0)[None, :]
@@ -235,13 +260,14 @@ def _attend_key_blocks(
 
 @triton.jit
 def attend_keys(
-    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table,
+    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi,
     lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
     stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
     the blocks every row sees (no elementwise masking), then the causal diagonal / window right
@@ -257,9 +283,9 @@ def attend_keys(
             start_n = full_hi
             end_n = hi
         acc, m_i, l_i = _attend_key_blocks(
-            acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, start_n, end_n, q_pos, offs_n, offs_d,
+            acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi, start_n, end_n, q_pos, offs_n, offs_d,
             stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
             seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
             HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-            PAGED, INT64_INDEX, DOT_PRECISION)
+            PAGED, INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
     return acc, m_i, l_i

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, key_block_ranges, load_tile,
-    mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
+    LOG2E, MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, initial_state,
+    key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
 )
 from .launch import Launcher
 
@@ -58,7 +58,7 @@ def _write_new_tokens(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Lse, Workspace, SplitsDone, BlockTable, CacheSeqlens, Mask, KNew, VNew,
+    Q, K, V, Out, Lse, Workspace, SplitsDone, BlockTable, CacheSeqlens, Mask, KNew, VNew, Alibi, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -68,6 +68,7 @@ def _decode_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_knb, stride_knh, stride_knm, stride_knd,
     stride_vnb, stride_vnh, stride_vnm, stride_vnd,
+    stride_ab,
     num_heads_kv, group_size, seqlen_q, new_tokens, capacity, num_splits, keys_per_split, page_size,
     window_left, window_right,
     sm_scale, softcap,
@@ -75,6 +76,7 @@ def _decode_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, APPEND: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # Parameters are ordered tensors, ints, floats, constexprs, as kernels.launch.Launcher expects.
     split = tl.program_id(0)
@@ -114,9 +116,12 @@ def _decode_kernel(
             mask_heads = tl.where(row_ok, heads, 0)
             mask_base = mask_base + mask_heads[:, None] * stride_mh + q_pos[:, None] * stride_mm
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Rows span the heads of a group: a slope and a sink per row. Only split 0 starts from the sink (the merge
+    # would count it once per split otherwise).
+    acc, m_i, l_i = initial_state(Sinks + heads, row_ok, split == 0, BLOCK_M, BLOCK_D, HAS_SINKS)
+    alibi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        alibi += tl.load(Alibi + off_b * stride_ab + heads, mask=row_ok, other=0.0) * LOG2E
 
     # The window's key ranges for all query tokens, clipped to this split's keys.
     diag = seqlen_k - seqlen_q
@@ -140,11 +145,11 @@ def _decode_kernel(
             HEAD_DIM, BLOCK_D, 16, PAGED)
         tl.debug_barrier()
     acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
-        stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
+        acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi, lo, full_lo, full_hi, hi, q_pos, offs_n,
+        offs_d, stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,
-        DOT_PRECISION)
+        DOT_PRECISION, HAS_ALIBI)
     out, lse = finalize(acc, m_i, l_i)
 
     if SPLIT:
@@ -259,7 +264,7 @@ _decode = Launcher(_decode_kernel)
 
 @functools.lru_cache(maxsize=4096)
 def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, page_size, mask_kind, mask_per_key,
-          window, softcap, has_seqlens, append, return_lse, int64_index, config):
+          window, softcap, has_seqlens, append, return_lse, int64_index, config, alibi=False, sinks=False):
     """What a launch needs that depends only on the call's signature (not on the cache length):
     ``(block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs)``, where
     ``constexprs[split]`` is the constexpr tuple without or with the split merge. ``device_index`` is None under
@@ -284,7 +289,8 @@ def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, pag
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
         HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, APPEND=append, SPLIT=split, RETURN_LSE=return_lse,
-        INT64_INDEX=int64_index, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32") for split in (False, True)}
+        INT64_INDEX=int64_index, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_ALIBI=alibi,
+        HAS_SINKS=sinks) for split in (False, True)}
     return block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, by_split
 
 
@@ -325,8 +331,8 @@ def workspace_bytes() -> int:
 
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
-    mask=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None, reuse_workspace=True,
-    seq_first=False,
+    mask=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None,
+    reuse_workspace=True, seq_first=False,
 ):
     """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys, in one launch.
 
@@ -344,6 +350,7 @@ def decode_attention(
         mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, capacity]`` over
             cache positions (``capacity`` = ``S_max``, or ``max_pages * page_size`` when paged); any strides,
             so a padding mask ``[B, capacity]`` is passed as a stride-0 view over heads and queries.
+        alibi_slopes: None or fp32 ``[Hq]`` / ``[B, Hq]``; sinks: None or ``[Hq]`` (see ``tileattn.reference``).
         num_splits: key splits per sequence; 0 chooses from batch, heads, capacity and SM count.
         config: ``(block_n, num_warps, num_stages)`` instead of the default.
         reuse_workspace: keep the split workspace for the next call (False: allocate one for this call only).
@@ -357,17 +364,22 @@ def decode_attention(
         cache_seqlens = cache_seqlens.contiguous()
     if block_table is not None and block_table.stride(1) != 1:
         block_table = block_table.contiguous()
+    if alibi_slopes is not None and alibi_slopes.stride(-1) != 1:  # slopes and sinks are read at unit head stride
+        alibi_slopes = alibi_slopes.contiguous()
+    if sinks is not None and sinks.stride(0) != 1:
+        sinks = sinks.contiguous()
     key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
            None if k_new is None else (k_new.stride(), v_new.stride()),
+           None if alibi_slopes is None else alibi_slopes.stride(), sinks is not None,
            tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config), seq_first)
     call = _calls.get(key)
     if call is None:
         heads_first = (lambda t: None if t is None else t.transpose(1, 2)) if seq_first else (lambda t: t)
         call = _prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), block_table, mask,
                         cache_seqlens is not None, heads_first(k_new), heads_first(v_new), new_tokens,
-                        tuple(window), scale, softcap, return_lse, num_splits, config)
+                        tuple(window), scale, softcap, return_lse, num_splits, config, alibi_slopes, sinks is not None)
         if len(_calls) >= MAX_CACHED_CALLS:
             _calls.clear()
         _calls[key] = call
@@ -384,7 +396,8 @@ def decode_attention(
         workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles, reuse_workspace)
     _decode.launch(launch, (q, k_cache, v_cache, out, lse, workspace, splits_done,
                             q if block_table is None else block_table, q if cache_seqlens is None else cache_seqlens,
-                            mask_tensor(mask, q), q if k_new is None else k_new, q if v_new is None else v_new))
+                            mask_tensor(mask, q), q if k_new is None else k_new, q if v_new is None else v_new,
+                            q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks))
     return out, (lse if return_lse else None)
 
 
@@ -395,7 +408,7 @@ MAX_CACHED_CALLS = 4096
 
 
 def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, new_tokens, window, scale, softcap,
-             return_lse, num_splits, config):
+             return_lse, num_splits, config, alibi_slopes=None, has_sinks=False):
     """``(Launch, num_splits, workspace floats, tiles)`` for a call of this signature."""
     b, hq, sq, d = q.shape
     hkv = k_cache.shape[1]
@@ -408,7 +421,7 @@ def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, 
     block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs = _plan(
         b, hq, hkv, sq, d, q.dtype, None if device.type == "cpu" else device.index, k_cache.shape[2] if paged else 0,
         mask_kind, mask_per_key, window, softcap is not None, has_seqlens, k_new is not None, return_lse, large,
-        None if config is None else tuple(config))
+        None if config is None else tuple(config), alibi_slopes is not None, has_sinks)
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
@@ -420,6 +433,7 @@ def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, 
         (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *lse_strides,
          block_table.stride(0) if paged else 0, *mask_strides,
          *(k_new.stride() if k_new is not None else (0,) * 4), *(v_new.stride() if v_new is not None else (0,) * 4),
+         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
          hkv, hq // hkv, sq, new_tokens, capacity, num_splits, keys_per_split, k_cache.shape[2] if paged else 1,
          max(window[0], 0), max(window[1], 0)),
         (scale, softcap or 1.0), constexprs[num_splits > 1], num_warps, num_stages)

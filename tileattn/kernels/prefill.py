@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, key_block_ranges, load_tile, mask_arguments,
+    LOG2E, MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, initial_state, key_block_ranges, load_tile,
+    mask_arguments,
     needs_int64_index, next_power_of_2,
 )
 from .launch import Launcher
@@ -26,19 +27,20 @@ from .launch import Launcher
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK, Alibi, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
     sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, IS_VARLEN: tl.constexpr, INT64_INDEX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # Parameters are ordered tensors, ints, floats, constexprs, as kernels.launch.Launcher expects.
     # Heaviest query blocks first: with causal masking the last rows see the most keys.
@@ -78,20 +80,22 @@ def _prefill_kernel(
         if not MASK_PER_KEY:
             mask_base = mask_base + rows[:, None] * stride_mm
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # One head per program: one ALiBi slope (per sequence with stride_ab) and one sink for all rows.
+    acc, m_i, l_i = initial_state(Sinks + off_h + 0 * rows, rows >= 0, off_h >= 0, BLOCK_M, BLOCK_D, HAS_SINKS)
+    alibi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        alibi += tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
 
     diag = seqlen_k - seqlen_q
     row_hi = tl.minimum(block_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = key_block_ranges(
         block_m * BLOCK_M, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, Mask, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
+        acc, m_i, l_i, q, k_base, v_base, mask_base, Mask, alibi, lo, full_lo, full_hi, hi, rows, offs_n, offs_d,
         stride_kn, stride_vn, stride_mn, 0, 0, 1,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, NOT_PAGED,
-        INT64_INDEX, DOT_PRECISION)
+        INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
 
     out, lse = finalize(acc, m_i, l_i)
     row_ok = rows < seqlen_q
@@ -121,7 +125,7 @@ _prefill = Launcher(_prefill_kernel)
 
 @functools.lru_cache(maxsize=1024)
 def _plan(head_dim, dtype, interpreted, config, window, mask_kind, mask_per_key, softcap, return_lse, varlen,
-          int64_index):
+          int64_index, alibi=False, sinks=False):
     """Everything a launch needs that depends only on the call's signature: ``(block_m, num_warps, num_stages,
     constexprs)``. Cached, so a call repeats none of it (host time decides short prefills and decode)."""
     block_d = max(16, next_power_of_2(head_dim))
@@ -139,12 +143,12 @@ def _plan(head_dim, dtype, interpreted, config, window, mask_kind, mask_per_key,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
         HAS_SOFTCAP=softcap, RETURN_LSE=return_lse, IS_VARLEN=varlen, INT64_INDEX=int64_index,
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks)
     return block_m, num_warps, num_stages, constexprs
 
 
-def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, scale, softcap, mask, return_lse,
-            config):
+def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, scale, softcap, mask, alibi_slopes,
+            sinks, return_lse, config):
     """Shared launch of the dense and varlen forms. ``strides`` gives q/k/v/out/lse strides as
     (batch, head, token, dim) tuples (lse: batch, head, token); ``sq``/``sk`` size the grid."""
     hq = q.shape[-2 if cu_seqlens else 1]
@@ -153,17 +157,22 @@ def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, sc
     cu_q, cu_k = cu_seqlens or (q, q)
     block_m, num_warps, num_stages, constexprs = _plan(
         q.shape[-1], q.dtype, q.device.type == "cpu", config, window, mask_kind, mask_per_key, softcap is not None,
-        return_lse, cu_seqlens is not None, needs_int64_index(q, k, v, out, mask_arg))
+        return_lse, cu_seqlens is not None, needs_int64_index(q, k, v, out, mask_arg), alibi_slopes is not None,
+        sinks is not None)
     left, right = window
-    _prefill((cdiv(sq, block_m), batch * hq, 1), (q, k, v, out, lse, mask_arg, cu_q, cu_k),
+    alibi_arg = q if alibi_slopes is None else alibi_slopes.contiguous()  # the kernel reads heads at unit stride
+    sinks_arg = q if sinks is None else sinks.contiguous()  # q: a placeholder, never read
+    alibi_batch_stride = alibi_arg.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    _prefill((cdiv(sq, block_m), batch * hq, 1), (q, k, v, out, lse, mask_arg, cu_q, cu_k, alibi_arg, sinks_arg),
              (*strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
-              hq, hq // hkv, sq, sk, max(left, 0), max(right, 0)),
+              alibi_batch_stride, hq, hq // hkv, sq, sk, max(left, 0), max(right, 0)),
              (scale, softcap or 1.0), constexprs, num_warps, num_stages)
     return out, (lse if return_lse else None)
 
 
 def prefill_attention(
-    q, k, v, *, window=(-1, -1), scale, softcap=None, mask=None, return_lse=False, out=None, config=None,
+    q, k, v, *, window=(-1, -1), scale, softcap=None, mask=None, alibi_slopes=None, sinks=None, return_lse=False,
+    out=None, config=None,
 ):
     """Launch the prefill kernel. Inputs are already validated (see :func:`tileattn.attention`).
 
@@ -173,6 +182,7 @@ def prefill_attention(
             (causal already folded in as ``right = 0``).
         scale: softmax scale; softcap: tanh cap of the scaled scores or None.
         mask: None, or a bool (True = attend) / float (added) tensor expanded to ``[B, Hq, Sq, Sk]``.
+        alibi_slopes: None or fp32 ``[Hq]`` / ``[B, Hq]``; sinks: None or ``[Hq]`` (see ``tileattn.reference``).
         out: optional ``[B, Hq, Sq, D]`` output tensor (any strides); allocated like ``q`` if None.
         config: ``(block_m, block_n, num_warps, num_stages)`` instead of the tuned table (tests use
             small tiles to put block edges everywhere; the tile sweep in ``benchmarks/`` times others).
@@ -184,12 +194,13 @@ def prefill_attention(
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
     strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), out=out.stride(), lse=lse.stride()[:3])
     return _launch(q, k, v, out, lse, strides, b, sq, k.shape[2], None, window=window, scale=scale,
-                   softcap=softcap, mask=mask, return_lse=return_lse, config=config)
+                   softcap=softcap, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse,
+                   config=config)
 
 
 def prefill_attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, window=(-1, -1), scale, softcap=None,
-    return_lse=False, out=None, config=None,
+    alibi_slopes=None, sinks=None, return_lse=False, out=None, config=None,
 ):
     """Packed sequences: q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``, int32 ``cu_seqlens_*``
     ``[batch + 1]``. Returns ``(out [total_q, Hq, D], lse fp32 [Hq, total_q] or None)``."""
@@ -203,4 +214,4 @@ def prefill_attention_varlen(
     strides = dict(q=bhsd(q), k=bhsd(k), v=bhsd(v), out=bhsd(out), lse=lse_strides)
     return _launch(q, k, v, out, lse, strides, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
                    (cu_seqlens_q, cu_seqlens_k), window=window, scale=scale, softcap=softcap, mask=None,
-                   return_lse=return_lse, config=config)
+                   alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, config=config)
