@@ -8,7 +8,8 @@ import torch
 import tileattn
 from tileattn.reference import naive_attention
 
-from conftest import DEVICE
+from conftest import DEVICE, KERNEL_DTYPES
+from tileattn.testing import assert_matches_oracle, random_qkv
 
 # The interpreter's numpy warns on the NaN and inf - inf that NaN and +inf sinks produce; here that is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -211,10 +212,28 @@ def test_keyless_rows_with_poisoned_sinks_agree_on_every_path():
         check(out, lse, heads_dim=1)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(40, 3), softcap=20.0)],
+                         ids=["plain", "causal", "window"])
+@pytest.mark.parametrize("sq,sk", [(1, 300), (24, 200), (130, 250), (250, 130)],
+                         ids=["decode", "decode_rows", "prefill", "prefill_more_queries"])
+def test_kernels_in_every_dtype(dtype, kind, options, sq, sk):
+    """The Triton kernels (``auto`` on CUDA) with ALiBi and sinks in fp16/bf16/fp32 against the float64 oracle
+    under the library's tolerance rule (2x PyTorch's own error in that dtype), GQA 8/2, head_dim 64: key blocks
+    left of, around and right of the rows' own positions, more queries than keys (rows that see none)."""
+    q, k, v = random_qkv(2, 8, 2, sq, sk, 64, dtype=dtype, device=DEVICE)
+    slopes, sinks = biases(kind, 2, 8)
+    backend = "auto" if DEVICE == "cuda" else "triton"
+    out, lse = tileattn.attention(q, k, v, alibi_slopes=slopes, sinks=sinks, return_lse=True, backend=backend,
+                                  **options)
+    assert_matches_oracle(out, q, k, v, lse, alibi_slopes=slopes, sinks=sinks, **options)
+
+
 def test_explain_names_the_backend_that_runs_biased_calls():
     q = torch.randn(1, 2, 4, 8, device=DEVICE)
     decision = tileattn.explain(q, q, q, sinks=torch.zeros(2, device=DEVICE))
-    assert decision.backend == "torch" and "sinks" in decision.reason
+    assert decision.backend == ("triton" if DEVICE == "cuda" else "torch") and "sinks" in decision.reason
     with pytest.raises(ValueError, match="alibi_slopes"):
         tileattn.explain(q, q, q, alibi_slopes=torch.zeros(2, device=DEVICE), backend="sdpa_flash")
     assert tileattn.explain(q, q, q, sinks=torch.zeros(2, device=DEVICE), backend="triton").backend == "triton"

@@ -99,18 +99,16 @@ def attention(
 BIAS_BACKENDS = ("triton", "torch", "naive")
 
 
-def _bias_backend(backend, alibi_slopes, sinks):
-    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes ``torch`` until the Triton kernels' support
-    is measured on a GPU (``backend="triton"`` runs them); SDPA cannot take them."""
+def _bias_backend(q, backend, alibi_slopes, sinks):
+    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA (they carry
+    both at the plain kernels' speed), else the tiled PyTorch path; SDPA cannot take them."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "torch"
-    if backend not in BIAS_BACKENDS:
+    if backend not in BIAS_BACKENDS + ("auto",):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
-    return backend
+    return dispatch.choose_backend(q, backend)
 
 
 def _check_biases(q, alibi_slopes, sinks, batch):
@@ -142,7 +140,7 @@ def _keyless(q, shape, sinks, heads_dim):
 
 
 def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse, backend):
-    chosen = _bias_backend(backend, alibi_slopes, sinks)
+    chosen = _bias_backend(q, backend, alibi_slopes, sinks)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
     _check_biases(q, alibi_slopes, sinks, q.shape[0])
     options = dict(scale=call.scale, softcap=call.softcap, mask=None if mask is None else mask.expand(call.mask_shape),
@@ -237,10 +235,12 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
     """
     scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
     if alibi_slopes is not None or sinks is not None:
-        chosen = _bias_backend(backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
-        return dispatch.Decision(chosen, "ALiBi slopes and sinks: auto runs them on the tiled PyTorch backend for now"
-                                 if backend == "auto" else f"requested ({backend} takes ALiBi slopes and sinks)")
+        if backend != "auto":
+            return dispatch.Decision(chosen, f"requested ({backend} takes ALiBi slopes and sinks)")
+        where = "the Triton kernels" if chosen == "triton" else "the tiled PyTorch backend (no usable Triton here)"
+        return dispatch.Decision(chosen, f"ALiBi slopes and sinks run on {where}; SDPA cannot take them")
     return _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
 
 
@@ -283,7 +283,7 @@ def attention_varlen(
                 raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the max_seqlen given for {name} ({longest})")
     biased = alibi_slopes is not None or sinks is not None
     if biased:
-        chosen = _bias_backend(backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, cu_seqlens_q.shape[0] - 1)
     else:
         chosen = _backend(q, backend)
@@ -336,7 +336,7 @@ def attention_with_kvcache(
     biased = alibi_slopes is not None or sinks is not None
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                             softcap, return_lse, num_splits,
-                            _bias_backend(backend, alibi_slopes, sinks) if biased else backend)
+                            _bias_backend(q, backend, alibi_slopes, sinks) if biased else backend)
     if biased:
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
