@@ -25,8 +25,9 @@ Layout of the work (one CTA = one (batch, head, 128-query block)):
     diagonal are never loaded; only tiles that cut the diagonal or the end of K are masked.
 
 A warp-specialized variant (1-warp TMA producer partition) is in attn_hopper_ws.py.
-Run on an H100:  python3 benchmarks/hopper/attn_hopper.py   [--quick] [--only gluon,gluon_ws,ws_deep]
-                 [--no-bench] [--skip-check] [--no-ws] [-v]
+Run on an H100:  python3 benchmarks/hopper/attn_hopper.py   [--quick] [--only gluon,gluon_ws,ws_deep,v2,pp,pp3]
+                 [--no-bench] [--skip-check] [--no-ws] [--no-pp] [-v]
+(v2 / pp: versions 2 and 3, per-warpgroup partitions and ping-pong, in attn_hopper_pp.py.)
 Measured (H100 80GB HBM3, torch 2.11, Triton 3.6.0): all 48 checks pass for the three variants; bf16
 TFLOP/s non-causal S=8192: D=128 495 (ws 500, ws_deep 511) vs cuDNN 668 / flash(FA2) 329; D=64 352 vs
 cuDNN 494 / flash 292.
@@ -266,9 +267,13 @@ def make_desc(t, rows):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], layout)
 
 
-def attention_hopper(q, k, v, causal=False, scale=None, return_lse=False, kernel=None, maxnreg=None, stages=None):
+def attention_hopper(q, k, v, causal=False, scale=None, return_lse=False, kernel=None, maxnreg=None, stages=None,
+                     block_m=BLOCK_M, qo_rows=None, num_warps=NUM_WARPS, extra=None):
     """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (fp16/bf16, Hq % Hkv == 0, D in {64, 128}) -> out [B, Hq, Sq, D]
-    (and lse fp32 [B, Hq, Sq], natural log, when return_lse).  Causal is bottom-right aligned."""
+    (and lse fp32 [B, Hq, Sq], natural log, when return_lse).  Causal is bottom-right aligned.
+    Launch options for other kernels (attn_hopper_pp): block_m (query rows per CTA), qo_rows (rows of the Q / O
+    TMA block, default block_m), num_warps, extra (more constexpr kwargs); maxnreg, stages, block_m, qo_rows,
+    num_warps and extra may also be functions of head_dim."""
     B, H, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     assert q.dtype in _GL_DTYPE and k.dtype == q.dtype and v.dtype == q.dtype
@@ -278,14 +283,17 @@ def attention_hopper(q, k, v, causal=False, scale=None, return_lse=False, kernel
     out = torch.empty(B, H, Sq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32) if return_lse else out
     block_n, default_stages = config_for(D)
-    stages = default_stages if stages is None else stages(D) if callable(stages) else stages
-    grid = (triton.cdiv(Sq, BLOCK_M), B * H)
+    per_d = lambda x: x(D) if callable(x) else x  # noqa: E731
+    stages = default_stages if stages is None else per_d(stages)
+    block_m, maxnreg, num_warps, extra = per_d(block_m), per_d(maxnreg), per_d(num_warps), per_d(extra) or {}
+    qo_rows = block_m if qo_rows is None else per_d(qo_rows)
+    grid = (triton.cdiv(Sq, block_m), B * H)
     (kernel or _attn_fwd_kernel)[grid](
-        make_desc(q, BLOCK_M), make_desc(k, block_n), make_desc(v, block_n), make_desc(out, BLOCK_M),
+        make_desc(q, qo_rows), make_desc(k, block_n), make_desc(v, block_n), make_desc(out, qo_rows),
         lse, lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
         Sq, Sk, H, H // Hk, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal, RETURN_LSE=return_lse,
-        num_warps=NUM_WARPS, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal, RETURN_LSE=return_lse,
+        num_warps=num_warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)), **extra)
     return (out, lse) if return_lse else out
 
 
@@ -393,6 +401,13 @@ if __name__ == "__main__":
         kernels["gluon_ws"] = (W._attn_fwd_ws_kernel, dict(maxnreg=W.MAXNREG))
         # deeper K/V rings: D=128 -> 3 stages (224 KB smem), D=64 -> 4 stages (144 KB)
         kernels["ws_deep"] = (W._attn_fwd_ws_kernel, dict(maxnreg=W.MAXNREG, stages=W.deep_stages))
+    if "--no-pp" not in sys.argv:  # versions 2 (per-warpgroup partitions) and 3 (+ ping-pong): attn_hopper_pp.py
+        import os
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import attn_hopper_pp as P
+        kernels["v2"] = (P._attn_fwd_pp_kernel, P.OPTS_V2)
+        kernels["pp"] = (P._attn_fwd_pp_kernel, P.OPTS_V3)
+        kernels["pp3"] = (P._attn_fwd_pp_kernel, P.OPTS_V3_WG3)  # 3 consumers at D=64 (same as pp at D=128)
     if "--only" in sys.argv:
         only = sys.argv[sys.argv.index("--only") + 1].split(",")
         kernels = {n: kv for n, kv in kernels.items() if n in only}

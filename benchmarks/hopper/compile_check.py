@@ -1,6 +1,8 @@
 """Compile the Gluon Hopper attention kernels for sm_90 without a GPU; print registers, spills, smem.
 
-    /tmp/v36/bin/python benchmarks/hopper/compile_check.py [--ws] [--only-ws] [--dump DIR]
+    /tmp/v36/bin/python benchmarks/hopper/compile_check.py [--ws] [--only-ws] [--pp] [--only-pp] [--dump DIR]
+
+(--pp: versions 2 and 3 of attn_hopper_pp.py, tags v2 / pp / pp3 (3 consumers at D=64).)
 
 Signatures are built the way the runtime builds them: descriptors made from CPU tensors of the real
 shapes are mangled by triton.runtime.jit.mangle_type ("tensordesc<bf16[1, 1, 128, 128],NVMMASharedLayout(...)>"),
@@ -68,15 +70,16 @@ def build(fn, args, constexprs, num_warps, maxnreg=None, dump=None, tag=""):
                 spill_st=int(spill.group(1)) if spill else -1, spill_ld=int(spill.group(2)) if spill else -1,
                 smem=k.metadata.shared, num_warps=k.metadata.num_warps,
                 wgmma=ptx_text.count("wgmma.mma_async"), bar_sync=len(re.findall(r"\bbar\.sync|barrier\.sync", ptx_text)),
-                setmaxnreg=len(re.findall(r"setmaxnreg", ptx_text)))
+                setmaxnreg="/".join(sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx_text)),
+                                           key=int, reverse=True)) or "-")
 
 
-def kernel_args(D, dtype, block_n, B=2, H=4, S=1024):
+def kernel_args(D, dtype, block_n, B=2, H=4, S=1024, qo_rows=A.BLOCK_M):
     q = torch.empty(B, H, S, D, dtype=dtype)
     kv = torch.empty(B, H, S, D, dtype=dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
-    return dict(q_desc=A.make_desc(q, A.BLOCK_M), k_desc=A.make_desc(kv, block_n), v_desc=A.make_desc(kv, block_n),
-                o_desc=A.make_desc(q, A.BLOCK_M), Lse=lse, stride_lb=H * S, stride_lh=S, seqlen_q=S, seqlen_k=S,
+    return dict(q_desc=A.make_desc(q, qo_rows), k_desc=A.make_desc(kv, block_n), v_desc=A.make_desc(kv, block_n),
+                o_desc=A.make_desc(q, qo_rows), Lse=lse, stride_lb=H * S, stride_lh=S, seqlen_q=S, seqlen_k=S,
                 num_heads=H, group_size=1, qk_scale=0.18)
 
 
@@ -84,29 +87,41 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized kernel")
     ap.add_argument("--only-ws", action="store_true")
+    ap.add_argument("--pp", action="store_true", help="also versions 2 / 3 (attn_hopper_pp.py)")
+    ap.add_argument("--only-pp", action="store_true")
     ap.add_argument("--dump", default=None)
     ap.add_argument("--lse", action="store_true", help="RETURN_LSE=True too")
     a = ap.parse_args()
     variants = []
-    if not a.only_ws:
-        variants.append(("v1", A._attn_fwd_kernel, A.config_for, A.NUM_WARPS, None))
+    if not (a.only_ws or a.only_pp):
+        variants.append(("v1", A._attn_fwd_kernel, A.config_for, A.NUM_WARPS, None, {}))
     if a.ws or a.only_ws:
         import attn_hopper_ws as W
-        variants.append(("ws", W._attn_fwd_ws_kernel, W.config_for, W.NUM_WARPS, W.MAXNREG))
+        variants.append(("ws", W._attn_fwd_ws_kernel, W.config_for, W.NUM_WARPS, W.MAXNREG, {}))
+    if a.pp or a.only_pp:
+        import attn_hopper_pp as P
+        for tag, o in (("v2", P.OPTS_V2), ("pp", P.OPTS_V3), ("pp3", P.OPTS_V3_WG3)):
+            variants.append((tag, P._attn_fwd_pp_kernel, lambda d: (A.config_for(d)[0], P.stages_for(d)),
+                             o["num_warps"], o["maxnreg"], o))
     ok = True
     print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'causal':>6s} {'lse':>5s} {'BN':>4s} {'ST':>3s} | "
-          f"{'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} {'smem':>7s} {'warps':>5s} {'wgmma':>5s} {'bar':>4s}")
-    for tag, fn, cfg, nw, maxnreg in variants:
+          f"{'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} {'smem':>7s} {'warps':>5s} {'wgmma':>5s} {'bar':>4s}  setmaxnreg")
+    print("(regs: the kernel's allocation = maxnreg when warp-specialized; setmaxnreg: the per-partition limits)")
+    per_d = lambda x, d: x(d) if callable(x) else x  # noqa: E731
+    for tag, fn, cfg, nw, maxnreg, o in variants:
         for dtype in (torch.float16, torch.bfloat16):
             for D in (64, 128):
                 for causal in (False, True):
                     for lse in ((False, True) if a.lse else (False,)):
                         block_n, stages = cfg(D)
-                        cx = dict(HEAD_DIM=D, BLOCK_M=A.BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
-                                  RETURN_LSE=lse)
+                        block_m = per_d(o.get("block_m", A.BLOCK_M), D)
+                        qo_rows = per_d(o.get("qo_rows", block_m), D)
+                        cx = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
+                                  RETURN_LSE=lse, **(per_d(o.get("extra"), D) or {}))
                         name = f"{tag}_{str(dtype)[6:]}_d{D}_{'causal' if causal else 'full'}{'_lse' if lse else ''}"
                         try:
-                            r = build(fn, kernel_args(D, dtype, block_n), cx, nw, maxnreg, a.dump, name)
+                            r = build(fn, kernel_args(D, dtype, block_n, qo_rows=qo_rows), cx, per_d(nw, D),
+                                      per_d(maxnreg, D), a.dump, name)
                         except Exception as e:  # noqa: BLE001
                             ok = False
                             msg = str(e).strip().splitlines()
@@ -115,7 +130,7 @@ def main():
                             continue
                         print(f"{tag:6s} {str(dtype)[6:]:5s} {D:3d} {causal!s:>6s} {lse!s:>5s} {block_n:4d} {stages:3d} | "
                               f"{r['regs']:4d} {r['stack']:5d} {r['spill_st']:5d}/{r['spill_ld']:<5d} {r['smem']:7d} "
-                              f"{r['num_warps']:5d} {r['wgmma']:5d} {r['bar_sync']:4d}")
+                              f"{r['num_warps']:5d} {r['wgmma']:5d} {r['bar_sync']:4d}  {r['setmaxnreg']}")
     sys.exit(0 if ok else 1)
 
 
