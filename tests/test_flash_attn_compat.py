@@ -243,7 +243,7 @@ def test_rotary_and_cache_batch_idx_in_kvcache(interleaved, causal, kvcache_back
 @pytest.mark.parametrize("with_batch_idx", [False, True])
 def test_cache_leftpad(with_batch_idx, kvcache_backend):
     """Sequence b's tokens occupy slots leftpad[b] .. cache_seqlens[b] of its row; the new tokens go at cache_seqlens[b]
-    and rotary positions count from the first real token."""
+    and rotary positions are positions in the row (flash-attn's convention: its test rotates at cache_seqlens)."""
     b, hq, hkv, d, new = 2, 4, 2, 32, 2
     k_cache, v_cache = bshd(3, 30, hkv, d, torch.float32), bshd(3, 30, hkv, d, torch.float32)
     q, k, v = bshd(b, new, hq, d, torch.float32), bshd(b, new, hkv, d, torch.float32), bshd(b, new, hkv, d, torch.float32)
@@ -257,7 +257,7 @@ def test_cache_leftpad(with_batch_idx, kvcache_backend):
     for i in range(b):
         row = i if rows is None else int(rows[i])
         start, end = int(leftpad[i]), int(ends[i])
-        positions = torch.arange(end - start, end - start + new, device=DEVICE)[None]
+        positions = torch.arange(end, end + new, device=DEVICE)[None]
         k_rot = rotate_reference(k[i:i + 1], angles.cos(), angles.sin(), positions, True)
         q_rot = rotate_reference(q[i:i + 1], angles.cos(), angles.sin(), positions, True)
         torch.testing.assert_close(k_cache[row, end:end + new], k_rot[0])
@@ -289,3 +289,45 @@ def test_paged_varlen_prefill(causal, kvcache_backend):
                                             return_attn_probs=True, block_table=table)
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, expected_lse, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("new", [1, 5])
+def test_new_keys_need_not_match_the_queries(new, paged, kvcache_backend):
+    """flash-attn appends any number of new keys (its tests draw seqlen_new at random); the queries stay the last Sq
+    positions of the cache_seqlens + seqlen_new keys."""
+    b, hq, hkv, d, sq, cached = 2, 4, 2, 32, 3, [6, 11]
+    if paged:
+        k_cache, v_cache = bshd(6, 8, hkv, d), bshd(6, 8, hkv, d)
+        table = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
+    else:
+        k_cache, v_cache, table = bshd(b, 20, hkv, d), bshd(b, 20, hkv, d), None
+    q, k_new, v_new = bshd(b, sq, hq, d), bshd(b, new, hkv, d), bshd(b, new, hkv, d)
+    seqlens = torch.tensor(cached, dtype=torch.int32, device=DEVICE)
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                                     causal=True)
+    for i, n in enumerate(cached):
+        rows = (k_cache[table[i].long()].reshape(-1, hkv, d), v_cache[table[i].long()].reshape(-1, hkv, d)) if paged \
+            else (k_cache[i], v_cache[i])
+        keys, values = (t[: n + new] for t in rows)
+        assert torch.equal(keys[n:], k_new[i]) and torch.equal(values[n:], v_new[i])
+        assert_matches_oracle(out[i:i + 1].transpose(1, 2), q[i:i + 1].transpose(1, 2), keys[None].transpose(1, 2),
+                              values[None].transpose(1, 2), causal=True)
+    with pytest.raises(ValueError, match="k and v"):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new[:, :, :1], cache_seqlens=seqlens,
+                                   block_table=table)
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_paged_lengths_past_the_block_table_raise_as_in_flash_attn(append):
+    """flash-attn's guard (its test_flash_attn_kvcache_paged_block_table_bounds): a length past what block_table
+    addresses is a RuntimeError naming block_table, on every device, before anything is written."""
+    k_cache, v_cache = bshd(4, 16, 1, 16), bshd(4, 16, 1, 16)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    q = bshd(1, 1, 1, 16)
+    k_new = bshd(1, 1, 1, 16) if append else None
+    seqlens = torch.full((1,), 16 if append else 17, dtype=torch.int32, device=DEVICE)
+    before = k_cache.clone()
+    with pytest.raises(RuntimeError, match="block_table"):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=k_new, cache_seqlens=seqlens, block_table=table)
+    assert torch.equal(k_cache, before)

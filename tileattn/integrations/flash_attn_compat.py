@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import api
+from ..cache import write_kv
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
@@ -142,7 +143,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
                             num_splits=0, return_softmax_lse=False):
     """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``, ``[num_blocks, block_size, Hkv, D]``;
-    ``k``/``v`` ``[B, Sq, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending.
+    ``k``/``v`` ``[B, S_new, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending; the
+    queries are the last ``Sq`` positions of the ``cache_seqlens + S_new`` keys (bottom-right, as in flash-attn).
 
     As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted on the GPU: they are not read back to the
     host (a device sync per call); a length past the cache's capacity is clamped to it, never read or written
@@ -152,14 +154,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``cache_seqlens[b] + i`` and q at the same positions when causal or windowed, else all at ``cache_seqlens[b]``
     (``rotary_interleaved``: pairs ``(0, 1), (2, 3)...``, else ``(i, i + rotary_dim / 2)``), before the append.
     ``cache_batch_idx`` int ``[B]``: sequence ``b`` uses cache row ``cache_batch_idx[b]`` (contiguous caches).
-    ``cache_leftpad`` int32 ``[B]``: sequence ``b``'s tokens start at that slot of its row; ``cache_seqlens`` still
-    counts from the row's start, and rotary positions from the first real token."""
+    ``cache_leftpad`` int32 ``[B]``: sequence ``b``'s tokens start at that slot of its row; ``cache_seqlens`` and
+    rotary positions still count from the row's start (flash-attn's convention).
+    With ``block_table``, lengths past what it addresses raise ``CacheBoundsError`` (a RuntimeError naming
+    block_table, as flash-attn's own guard does; both read the lengths back to the host)."""
     if cache_seqlens is None:  # flash-attn: the whole cache is valid
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     window = _window(window_size)
-    rotary_start = cache_seqlens.long()[:, None]
+    rotary_start = cache_seqlens.long()[:, None]  # positions in the cache row (flash-attn's, also with leftpad)
+    seqlen_new = 0 if k is None else k.shape[1]
+    if block_table is not None and api._may_read_device_values():
+        # flash-attn's guard for paged caches, which reads the lengths back too (the kernels clamp them anyway)
+        longest, capacity = int(cache_seqlens.max()) + seqlen_new, block_table.shape[1] * k_cache.shape[1]
+        if longest > capacity:
+            raise api.CacheBoundsError(f"paged KV cache: max(cache_seqlens) + new keys = {longest} exceeds what "
+                                       f"block_table addresses ({block_table.shape[1]} pages of {k_cache.shape[1]})")
     if (cache_batch_idx is not None or cache_leftpad is not None) and block_table is not None:
         raise ValueError("cache_batch_idx and cache_leftpad cannot be used with block_table (as in flash-attn)")
     if cache_leftpad is not None:
@@ -172,7 +183,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         slots = cache_leftpad.long()[:, None] + torch.arange(capacity, device=q.device)[None]
         block_table = (rows[:, None] * capacity + slots.clamp(max=capacity - 1)).to(torch.int32)
         cache_seqlens = (cache_seqlens - cache_leftpad).to(torch.int32)
-        rotary_start = cache_seqlens.long()[:, None]  # positions count from the first real token
         k_cache, v_cache = (c.view(-1, 1, *c.shape[2:]) for c in (k_cache, v_cache))
     elif cache_batch_idx is not None:
         # Cache rows picked per sequence: the cache as a pool of one-row pages, cache_batch_idx as the page table.
@@ -186,6 +196,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         positions = start + torch.arange(q.shape[1], device=q.device)[None]
         q_positions = positions if causal or window is not None else start.expand_as(positions)
         q = _rotate(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
+    if k is not None and seqlen_new != q.shape[1]:
+        # flash-attn appends any number of new keys; the kernels' fused append takes one per query row
+        if v is None or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k and v must be [B, S_new, Hkv, D] = [{q.shape[0]}, S_new, {k_cache.shape[2]}, "
+                             f"{k_cache.shape[3]}], got {None if k is None else tuple(k.shape)} and "
+                             f"{None if v is None else tuple(v.shape)}")
+        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            raise TypeError(f"k and v must have the cache's dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
+        caches = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        if api._may_read_device_values():
+            api._check_cache_bounds(caches[0], cache_seqlens, seqlen_new, block_table)
+        write_kv(*caches, k.transpose(1, 2), v.transpose(1, 2), cache_seqlens, block_table)
+        cache_seqlens, k, v = (cache_seqlens + seqlen_new).to(torch.int32), None, None
     if alibi_slopes is not None:
         result = api.attention_with_kvcache(
             q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
