@@ -25,9 +25,11 @@ Layout of the work (one CTA = one (batch, head, 128-query block)):
     diagonal are never loaded; only tiles that cut the diagonal or the end of K are masked.
 
 A warp-specialized variant (1-warp TMA producer partition) is in attn_hopper_ws.py.
-Run on an H100:  python3 benchmarks/hopper/attn_hopper.py   [--quick] [--only gluon,gluon_ws,ws_deep,v2,pp,pp3]
-                 [--no-bench] [--skip-check] [--no-ws] [--no-pp] [-v]
-(v2 / pp: versions 2 and 3, per-warpgroup partitions and ping-pong, in attn_hopper_pp.py.)
+Run on an H100:  python3 benchmarks/hopper/attn_hopper.py   [--quick] [--only gluon,gluon_ws,ws_deep,v2,pp,pp3,v4,v4_pp3]
+                 [--no-bench] [--skip-check] [--no-ws] [--no-pp] [--no-v4] [--sms N] [-v]
+(v2 / pp: versions 2 and 3, per-warpgroup partitions and ping-pong, in attn_hopper_pp.py; v4 / v4_pp3: version 4,
+persistent over min(N, #work tiles) CTAs, N = --sms or the GPU's SM count, in attn_hopper_v4.py; v4_pp3 = 3
+consumers + ping-pong, head_dim 64 only, its head_dim-128 columns print nan.)
 Measured (H100 80GB HBM3, torch 2.11, Triton 3.6.0): all 48 checks pass for the three variants; bf16
 TFLOP/s non-causal S=8192: D=128 495 (ws 500, ws_deep 511) vs cuDNN 668 / flash(FA2) 329; D=64 352 vs
 cuDNN 494 / flash 292.
@@ -268,12 +270,15 @@ def make_desc(t, rows):
 
 
 def attention_hopper(q, k, v, causal=False, scale=None, return_lse=False, kernel=None, maxnreg=None, stages=None,
-                     block_m=BLOCK_M, qo_rows=None, num_warps=NUM_WARPS, extra=None):
+                     block_m=BLOCK_M, qo_rows=None, num_warps=NUM_WARPS, extra=None, host=None):
     """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (fp16/bf16, Hq % Hkv == 0, D in {64, 128}) -> out [B, Hq, Sq, D]
     (and lse fp32 [B, Hq, Sq], natural log, when return_lse).  Causal is bottom-right aligned.
     Launch options for other kernels (attn_hopper_pp): block_m (query rows per CTA), qo_rows (rows of the Q / O
     TMA block, default block_m), num_warps, extra (more constexpr kwargs); maxnreg, stages, block_m, qo_rows,
-    num_warps and extra may also be functions of head_dim."""
+    num_warps and extra may also be functions of head_dim.  host: another launcher (attn_hopper_v4), called as
+    host(q, k, v, causal=, scale=, return_lse=, **extra) instead of this one's launch."""
+    if host is not None:
+        return host(q, k, v, causal=causal, scale=scale, return_lse=return_lse, **(extra or {}))
     B, H, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     assert q.dtype in _GL_DTYPE and k.dtype == q.dtype and v.dtype == q.dtype
@@ -323,9 +328,15 @@ def _check(fn, name, opts):
     for dtype in (torch.float16, torch.bfloat16):
         for D in (64, 128):
             for causal in (False, True):
+                # the last three (session 7, for the persistent v4): many work tiles per CTA (4 x 32 heads x 5-8
+                # query blocks >> 132 CTAs, GQA 4), and Sq != Sk both ways with several tiles per CTA
                 for (B, H, Hk, Sq, Sk) in ((2, 4, 4, 128, 128), (1, 3, 3, 200, 200), (2, 2, 1, 1000, 1000),
-                                           (1, 2, 2, 4096, 4096), (1, 2, 2, 300, 517), (1, 2, 2, 517, 300)):
+                                           (1, 2, 2, 4096, 4096), (1, 2, 2, 300, 517), (1, 2, 2, 517, 300),
+                                           (4, 32, 8, 1000, 1000), (2, 8, 2, 700, 1500), (2, 8, 8, 1500, 700)):
                     cases.append((dtype, D, causal, B, H, Hk, Sq, Sk))
+    dims = opts.get("dims", (64, 128))
+    opts = {n: o for n, o in opts.items() if n != "dims"}
+    cases = [c for c in cases if c[1] in dims]
     bad = 0
     for dtype, D, causal, B, H, Hk, Sq, Sk in cases:
         q = torch.randn(B, H, Sq, D, device="cuda", dtype=dtype)
@@ -379,6 +390,10 @@ def _bench(kernels):
                     flops = 4 * B * H * S * S * D / (2 if causal else 1)
                     res = []
                     for fn, opts in kernels.values():
+                        if D not in opts.get("dims", (64, 128)):
+                            res.append(float("nan"))
+                            continue
+                        opts = {n: o for n, o in opts.items() if n != "dims"}
                         ms = _time(lambda: attention_hopper(q, k, v, causal=causal, return_lse=True, kernel=fn, **opts))
                         res.append(flops / ms / 1e9)
                     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
@@ -408,6 +423,14 @@ if __name__ == "__main__":
         kernels["v2"] = (P._attn_fwd_pp_kernel, P.OPTS_V2)
         kernels["pp"] = (P._attn_fwd_pp_kernel, P.OPTS_V3)
         kernels["pp3"] = (P._attn_fwd_pp_kernel, P.OPTS_V3_WG3)  # 3 consumers at D=64 (same as pp at D=128)
+    if "--no-v4" not in sys.argv:  # version 4, persistent: attn_hopper_v4.py
+        import os
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import attn_hopper_v4 as V4
+        sms = (int(sys.argv[sys.argv.index("--sms") + 1]) if "--sms" in sys.argv
+               else torch.cuda.get_device_properties(0).multi_processor_count)
+        kernels["v4"] = (None, dict(V4.OPTS_V4, extra=dict(V4.OPTS_V4["extra"], num_sms=sms)))
+        kernels["v4_pp3"] = (None, dict(V4.OPTS_V4_PP3, extra=dict(V4.OPTS_V4_PP3["extra"], num_sms=sms)))  # D=64 only
     if "--only" in sys.argv:
         only = sys.argv[sys.argv.index("--only") + 1].split(",")
         kernels = {n: kv for n, kv in kernels.items() if n in only}

@@ -2,7 +2,9 @@
 
     /tmp/v36/bin/python benchmarks/hopper/compile_check.py [--ws] [--only-ws] [--pp] [--only-pp] [--dump DIR]
 
-(--pp: versions 2 and 3 of attn_hopper_pp.py, tags v2 / pp / pp3 (3 consumers at D=64).)
+(--pp: versions 2 and 3 of attn_hopper_pp.py, tags v2 / pp / pp3 (3 consumers at D=64).
+ --v4 / --only-v4: the persistent version 4 of attn_hopper_v4.py, tags v4 (2 consumers), v4_pp3 (3 consumers +
+ ping-pong, D=64 only), v4_ost (D=128 with an O staging buffer + TMA store, 2-stage ring).)
 
 Signatures are built the way the runtime builds them: descriptors made from CPU tensors of the real
 shapes are mangled by triton.runtime.jit.mangle_type ("tensordesc<bf16[1, 1, 128, 128],NVMMASharedLayout(...)>"),
@@ -83,17 +85,47 @@ def kernel_args(D, dtype, block_n, B=2, H=4, S=1024, qo_rows=A.BLOCK_M):
                 num_heads=H, group_size=1, qk_scale=0.18)
 
 
+def v4_kernel_args(D, dtype, block_n, B=2, H=4, S=1024, qo_rows=64, block_m=128):
+    q = torch.empty(B, H, S, D, dtype=dtype)
+    kv = torch.empty(B, H, S, D, dtype=dtype)
+    lse = torch.empty(B, H, S, dtype=torch.float32)
+    n_m = -(-S // block_m)
+    return dict(q_desc=A.make_desc(q, qo_rows), k_desc=A.make_desc(kv, block_n), v_desc=A.make_desc(kv, block_n),
+                o_desc=A.make_desc(q, qo_rows), O=q, stride_ob=H * S * D, stride_oh=S * D, stride_os=D,
+                Lse=lse, stride_lb=H * S, stride_lh=S, seqlen_q=S, seqlen_k=S, num_heads=H, group_size=1,
+                qk_scale=0.18, n_m=n_m, bh_total=B * H, n_work=n_m * B * H, swizzle=3)
+
+
+def v4_variants():
+    import attn_hopper_v4 as V
+    out = []
+    for tag, wg64, pp, o_smem, dims in (("v4", 2, False, None, (64, 128)), ("v4_pp3", 3, True, None, (64,)),
+                                        ("v4_ost", 2, False, True, (128,))):
+        def cfg(d, wg64=wg64, o_smem=o_smem):
+            return V.BLOCK_N, V.v4_config(d, wg64, o_smem)[1]
+
+        def extra(d, wg64=wg64, pp=pp, o_smem=o_smem):
+            nwg, _, osm = V.v4_config(d, wg64, o_smem)
+            return dict(NUM_WG=nwg, PINGPONG=pp, CONSUMER_REGS=V.consumer_regs_for(d, wg64), O_SMEM=osm)
+        o = dict(block_m=lambda d, wg64=wg64: V.num_wg_for(d, wg64) * V.WG_M, qo_rows=V.WG_M, extra=extra,
+                 dims=dims, args=v4_kernel_args)
+        out.append((tag, V._attn_fwd_v4_kernel, cfg, 4, lambda d, wg64=wg64: V.maxnreg_for(d, wg64), o))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized kernel")
     ap.add_argument("--only-ws", action="store_true")
     ap.add_argument("--pp", action="store_true", help="also versions 2 / 3 (attn_hopper_pp.py)")
     ap.add_argument("--only-pp", action="store_true")
+    ap.add_argument("--v4", action="store_true", help="also version 4 (attn_hopper_v4.py, persistent)")
+    ap.add_argument("--only-v4", action="store_true")
     ap.add_argument("--dump", default=None)
     ap.add_argument("--lse", action="store_true", help="RETURN_LSE=True too")
     a = ap.parse_args()
     variants = []
-    if not (a.only_ws or a.only_pp):
+    if not (a.only_ws or a.only_pp or a.only_v4):
         variants.append(("v1", A._attn_fwd_kernel, A.config_for, A.NUM_WARPS, None, {}))
     if a.ws or a.only_ws:
         import attn_hopper_ws as W
@@ -103,6 +135,8 @@ def main():
         for tag, o in (("v2", P.OPTS_V2), ("pp", P.OPTS_V3), ("pp3", P.OPTS_V3_WG3)):
             variants.append((tag, P._attn_fwd_pp_kernel, lambda d: (A.config_for(d)[0], P.stages_for(d)),
                              o["num_warps"], o["maxnreg"], o))
+    if a.v4 or a.only_v4:
+        variants += v4_variants()
     ok = True
     print(f"{'kernel':6s} {'dtype':5s} {'D':>3s} {'causal':>6s} {'lse':>5s} {'BN':>4s} {'ST':>3s} | "
           f"{'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} {'smem':>7s} {'warps':>5s} {'wgmma':>5s} {'bar':>4s}  setmaxnreg")
@@ -110,7 +144,7 @@ def main():
     per_d = lambda x, d: x(d) if callable(x) else x  # noqa: E731
     for tag, fn, cfg, nw, maxnreg, o in variants:
         for dtype in (torch.float16, torch.bfloat16):
-            for D in (64, 128):
+            for D in o.get("dims", (64, 128)):
                 for causal in (False, True):
                     for lse in ((False, True) if a.lse else (False,)):
                         block_n, stages = cfg(D)
@@ -120,7 +154,11 @@ def main():
                                   RETURN_LSE=lse, **(per_d(o.get("extra"), D) or {}))
                         name = f"{tag}_{str(dtype)[6:]}_d{D}_{'causal' if causal else 'full'}{'_lse' if lse else ''}"
                         try:
-                            r = build(fn, kernel_args(D, dtype, block_n, qo_rows=qo_rows), cx, per_d(nw, D),
+                            if "args" in o:
+                                kargs = o["args"](D, dtype, block_n, qo_rows=qo_rows, block_m=block_m)
+                            else:
+                                kargs = kernel_args(D, dtype, block_n, qo_rows=qo_rows)
+                            r = build(fn, kargs, cx, per_d(nw, D),
                                       per_d(maxnreg, D), a.dump, name)
                         except Exception as e:  # noqa: BLE001
                             ok = False
