@@ -163,7 +163,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     window = _window(window_size)
-    rotary_start = cache_seqlens.long()[:, None]  # positions in the cache row (flash-attn's, also with leftpad)
+    rotary_start = cache_seqlens  # positions in the cache row (flash-attn's, also with leftpad)
     seqlen_new = 0 if k is None else k.shape[1]
     if block_table is not None and api._may_read_device_values():
         # flash-attn's guard for paged caches, which reads the lengths back too (the kernels clamp them anyway)
@@ -190,7 +190,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
             raise ValueError("rotary_cos and rotary_sin go together and need the new keys k and v")
-        start = rotary_start
+        start = rotary_start.long()[:, None]  # (a device op: only where rotary is asked for)
         k = _rotate(k, rotary_cos, rotary_sin, start + torch.arange(k.shape[1], device=q.device)[None],
                     rotary_interleaved)
         positions = start + torch.arange(q.shape[1], device=q.device)[None]
