@@ -161,13 +161,15 @@ def _qkv(**overrides):
     (dict(v=torch.zeros(2, 2, 8, 16, dtype=torch.int32)), TypeError, "v must be float16"),
     (dict(k=torch.randn(2, 2, 8, 16, dtype=torch.float16)), TypeError, "k must have q's dtype"),
     (dict(k=torch.randn(3, 2, 8, 16)), ValueError, "k batch size 3"),
-    (dict(v=torch.randn(2, 2, 8, 8)), ValueError, "v head_dim 8"),
+    (dict(k=torch.randn(2, 2, 8, 8)), ValueError, "k head_dim 8 != q head_dim 16"),
     (dict(k=torch.randn(2, 3, 8, 16), v=torch.randn(2, 3, 8, 16)), ValueError, r"q heads \(4\) must be a positive multiple"),
     (dict(v=torch.randn(2, 2, 9, 16)), ValueError, "k and v must have the same heads and length"),
-    (dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300), v=torch.randn(1, 1, 2, 300)), ValueError,
-     "head_dim must be between 1 and 256"),
+    (dict(q=torch.randn(1, 1, 2, 577), k=torch.randn(1, 1, 2, 577), v=torch.randn(1, 1, 2, 512)), ValueError,
+     "q/k head_dim must be between 1 and 576"),
     (dict(q=torch.randn(1, 1, 2, 0), k=torch.randn(1, 1, 2, 0), v=torch.randn(1, 1, 2, 0)), ValueError,
-     "head_dim must be between 1 and 256"),
+     "q/k head_dim must be between 1 and 576"),
+    (dict(v=torch.randn(2, 2, 8, 513)), ValueError, "v head_dim must be between 1 and 512"),
+    (dict(v=torch.randn(2, 2, 8, 0)), ValueError, "v head_dim must be between 1 and 512"),
 ])
 def test_bad_tensors(args, error, match):
     a = _qkv(**args)

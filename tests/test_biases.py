@@ -1,51 +1,21 @@
 """ALiBi slopes and attention sinks: every entry point and backend that takes them, against a float64 expectation
-built here from the definitions alone (ALiBi as an explicit additive mask, a sink as an extra key column of the
-softmax whose value is never read), independently of ``tileattn.reference``'s own implementation."""
+built from the definitions alone (tests/definitions.py: ALiBi as an explicit additive bias, a sink as an extra key
+column of the softmax whose value is never read), independently of ``tileattn.reference``'s own implementation."""
 
 import pytest
 import torch
 
 import tileattn
 from tileattn.reference import naive_attention
+from tileattn.testing import assert_matches_oracle, random_qkv
 
 from conftest import DEVICE, KERNEL_DTYPES
-from tileattn.testing import assert_matches_oracle, random_qkv
+from definitions import expected
 
 # The interpreter's numpy warns on the NaN and inf - inf that NaN and +inf sinks produce; here that is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 BACKENDS = ("auto", "triton", "torch", "naive")  # triton: the interpreter on CPU
-
-
-def expected(q, k, v, *, causal=False, window=None, softcap=None, slopes=None, sinks=None, keep=None):
-    """float64 ``(out, lse)`` of one batch: the ALiBi bias and the bool mask ``keep`` as an additive mask, the sink
-    as one more logit column."""
-    q, k, v = (t.double() for t in (q, k, v))
-    b, hq, sq, d = q.shape
-    sk = k.shape[2]
-    group = hq // k.shape[1]
-    logits = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * d ** -0.5
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    rel = torch.arange(sk, device=q.device)[None, :] - (torch.arange(sq, device=q.device)[:, None] + sk - sq)
-    if slopes is not None:
-        slopes = slopes.double() if slopes.dim() == 2 else slopes.double()[None]
-        logits = logits - slopes[:, :, None, None] * rel.abs()
-    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        hidden |= rel > 0
-    if window is not None:
-        hidden |= (rel < -window[0]) | (rel > window[1])
-    logits = logits.masked_fill(hidden, float("-inf"))
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if sinks is not None:
-        logits = torch.cat([logits, sinks.double()[None, :, None, None].expand(b, hq, sq, 1)], dim=-1)
-    lse = logits.logsumexp(-1)
-    probs = torch.exp(logits - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
-    if sinks is not None:
-        probs = probs[..., :-1]
-    return probs @ v.repeat_interleave(group, 1), lse
 
 
 def biases(kind, b, hq):
@@ -82,7 +52,7 @@ def test_attention(backend, kind, options, sq, sk):
         options["mask"] = keep
     out, lse = tileattn.attention(q, k, v, alibi_slopes=slopes, sinks=sinks, return_lse=True, backend=backend,
                                   **options)
-    ref, ref_lse = expected(q, k, v, slopes=slopes, sinks=sinks, keep=keep,
+    ref, ref_lse = expected(q, k, v, slopes=slopes, sinks=sinks, mask=keep,
                             **{n: options[n] for n in ("causal", "window", "softcap") if n in options})
     close(out, lse, ref, ref_lse)
 

@@ -51,7 +51,7 @@ def kvcache_backend(request, monkeypatch):
     """``auto``'s own choice, or the Triton kernel forced (on CPU through the interpreter), which takes
     ``[B, S, H, D]`` tensors as they are."""
     if request.param == "triton":
-        monkeypatch.setattr(dispatch, "choose_backend", lambda q, requested: "triton")
+        monkeypatch.setattr(dispatch, "choose_backend", lambda q, v, requested: "triton")
         api._prepared.clear()
         yield "triton"
         api._prepared.clear()

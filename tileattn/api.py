@@ -14,7 +14,8 @@ from .cache import write_kv
 from .reference import UNBOUNDED, lse_dtype, naive_attention, tiled_attention, window_bounds
 from .sdpa import sdpa_attention
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM_QK = 576  # DeepSeek MLA's latent cache: 512 latent + 64 rotary columns
+MAX_HEAD_DIM_V = 512
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -37,12 +38,14 @@ def attention(
 
     Args:
         q: ``[B, Hq, Sq, D]``. Any strides: a ``[B, S, H, D]`` tensor is passed as ``x.transpose(1, 2)``.
-        k, v: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA; K/V are never repeated in memory).
-            q, k, v share dtype (float16, bfloat16, float32; float64 on the torch backends) and device.
-            ``D`` is any value from 1 to 256.
+        k: ``[B, Hkv, Sk, D]``, v: ``[B, Hkv, Sk, D_v]``, with ``Hq % Hkv == 0`` (GQA/MQA; K/V are never repeated
+            in memory). q, k, v share dtype (float16, bfloat16, float32; float64 on the torch backends) and device.
+            ``D`` (q/k) is any value from 1 to 576, ``D_v`` any value from 1 to 512 (DeepSeek MLA: 192/128, 576/512).
+            The Triton kernels and SDPA take ``D_v == D <= 256`` for now: ``auto`` runs other head dims on the tiled
+            PyTorch path, and ``backend="triton"`` or ``"sdpa*"`` refuse them with a ValueError.
         causal: query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq`` (bottom-right aligned, the KV-cache
             convention; PyTorch SDPA's ``is_causal`` is top-left aligned, which differs when Sq != Sk).
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale, default ``D ** -0.5`` (q/k's head dim).
         mask: bool (True = attend) or float (added to the scaled scores) tensor broadcastable to
             ``[B, Hq, Sq, Sk]``, on q's device.
         window: ``(left, right)``: query ``i`` sees keys ``i + Sk - Sq - left ..= i + Sk - Sq + right``;
@@ -57,17 +60,17 @@ def attention(
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
     Returns:
-        ``out`` with q's dtype, device and logical shape ``[B, Hq, Sq, D]`` (on the triton and torch backends,
-        also q's memory layout when q is dense), or ``(out, lse)``. A row that sees no key gets output 0 and lse ``-inf``. Scores are
-        accumulated in fp32 (fp64 for fp64 inputs). NaN/Inf in q/k/v propagate as IEEE arithmetic does
-        (a NaN in a key a row sees makes that row NaN); inputs are not scanned.
+        ``out`` with q's dtype, device and logical shape ``[B, Hq, Sq, D_v]`` (on the triton and torch backends,
+        also q's memory layout when q is dense and ``D_v == D``), or ``(out, lse)``. A row that sees no key gets
+        output 0 and lse ``-inf``. Scores are accumulated in fp32 (fp64 for fp64 inputs). NaN/Inf in q/k/v
+        propagate as IEEE arithmetic does (a NaN in a key a row sees makes that row NaN); inputs are not scanned.
     """
     if alibi_slopes is not None or sinks is not None:
         return _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse,
                                       backend)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend)
     if call.empty:  # nothing to launch: empty result, or rows that see no key
-        out = q.new_zeros(q.shape)
+        out = q.new_zeros((*q.shape[:3], v.shape[-1]))
         lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
     if mask is not None:
@@ -99,16 +102,17 @@ def attention(
 BIAS_BACKENDS = ("triton", "torch", "naive")
 
 
-def _bias_backend(q, backend, alibi_slopes, sinks):
+def _bias_backend(q, v, backend, alibi_slopes, sinks):
     """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA (they carry
-    both at the plain kernels' speed), else the tiled PyTorch path; SDPA cannot take them."""
+    both at the plain kernels' speed) where they take v's head dim, else the tiled PyTorch path; SDPA cannot
+    take them."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if backend not in BIAS_BACKENDS + ("auto",):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
-    return dispatch.choose_backend(q, backend)
+    return dispatch.choose_backend(q, v, backend)
 
 
 def _check_biases(q, alibi_slopes, sinks, batch):
@@ -129,24 +133,26 @@ def _check_biases(q, alibi_slopes, sinks, batch):
             raise ValueError(f"{name} must be on {q.device}, got {t.device}")
 
 
-def _keyless(q, shape, sinks, heads_dim):
-    """``(out like q, lse of ``shape``)`` of a call whose rows see no key (heads on axis ``heads_dim`` of ``shape``,
-    the lse's shape): 0 and ``-inf``, or what :func:`tileattn.reference.keyless_rows` gives with sinks."""
+def _keyless(q, v, shape, sinks, heads_dim):
+    """``(out, lse of ``shape``)`` of a call whose rows see no key (heads on axis ``heads_dim`` of ``shape``, the
+    lse's shape), out shaped like q with v's head dim: 0 and ``-inf``, or what
+    :func:`tileattn.reference.keyless_rows` gives with sinks."""
     fill, lse = reference.keyless_rows(sinks, q.shape[-2] if q.dim() == 3 else q.shape[1], lse_dtype(q.dtype), q.device)
     view = [1] * len(shape)
     view[heads_dim] = -1
-    out_view = [1, -1, 1] if q.dim() == 3 else [1, -1, 1, 1]  # [tokens, Hq, D] or [B, Hq, S, D]
-    return fill.to(q.dtype).view(out_view).expand(q.shape).clone(), lse.view(view).expand(shape).clone()
+    out_view = [1, -1, 1] if q.dim() == 3 else [1, -1, 1, 1]  # [tokens, Hq, D_v] or [B, Hq, S, D_v]
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    return fill.to(q.dtype).view(out_view).expand(out_shape).clone(), lse.view(view).expand(shape).clone()
 
 
 def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse, backend):
-    chosen = _bias_backend(q, backend, alibi_slopes, sinks)
+    chosen = _bias_backend(q, v, backend, alibi_slopes, sinks)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
     _check_biases(q, alibi_slopes, sinks, q.shape[0])
     options = dict(scale=call.scale, softcap=call.softcap, mask=None if mask is None else mask.expand(call.mask_shape),
                    alibi_slopes=alibi_slopes, sinks=sinks)
     if q.numel() == 0 or k.shape[2] == 0:
-        out, lse = _keyless(q, q.shape[:3], sinks, heads_dim=1)
+        out, lse = _keyless(q, v, q.shape[:3], sinks, heads_dim=1)
     elif chosen == "triton":
         from . import ops
 
@@ -235,11 +241,12 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
     """
     scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
     if alibi_slopes is not None or sinks is not None:
-        chosen = _bias_backend(q, backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, v, backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
         if backend != "auto":
             return dispatch.Decision(chosen, f"requested ({backend} takes ALiBi slopes and sinks)")
-        where = "the Triton kernels" if chosen == "triton" else "the tiled PyTorch backend (no usable Triton here)"
+        why_not = dispatch.triton_call_unsupported_reason(q, v) if q.device.type == "cuda" else "not CUDA tensors"
+        where = "the Triton kernels" if chosen == "triton" else f"the tiled PyTorch backend (no Triton: {why_not})"
         return dispatch.Decision(chosen, f"ALiBi slopes and sinks run on {where}; SDPA cannot take them")
     return _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
 
@@ -251,7 +258,8 @@ def attention_varlen(
     """Attention over packed variable-length sequences, without padding.
 
     Args:
-        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``: the sequences concatenated on the token axis.
+        q: ``[total_q, Hq, D]``; k: ``[total_k, Hkv, D]``, v: ``[total_k, Hkv, D_v]``: the sequences concatenated
+            on the token axis; head dims as in :func:`attention`.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` on q's device: sequence ``b`` is tokens
             ``cu[b] .. cu[b + 1]``; starts at 0, non-decreasing, ends at the total. Checked on the host (a
             device sync), except inside CUDA-graph capture and torch.compile.
@@ -259,7 +267,7 @@ def attention_varlen(
         Other options as in :func:`attention` (no ``mask``); causal is bottom-right aligned per sequence;
             ``alibi_slopes`` ``[batch, Hq]`` gives each sequence its own row.
     Returns:
-        ``out [total_q, Hq, D]`` or ``(out, lse)`` with lse fp32 ``[Hq, total_q]``. Sequence ``b``'s rows
+        ``out [total_q, Hq, D_v]`` or ``(out, lse)`` with lse fp32 ``[Hq, total_q]``. Sequence ``b``'s rows
         equal ``attention`` on that sequence alone.
     """
     _check_tensors(q, k, v, layout="[tokens, heads, head_dim]", same_batch=False)
@@ -283,13 +291,13 @@ def attention_varlen(
                 raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the max_seqlen given for {name} ({longest})")
     biased = alibi_slopes is not None or sinks is not None
     if biased:
-        chosen = _bias_backend(q, backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, v, backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, cu_seqlens_q.shape[0] - 1)
     else:
-        chosen = _backend(q, backend)
+        chosen = _backend(q, v, backend)
     options = dict(scale=scale, softcap=softcap, **(dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}))
     if q.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
-        out, lse = _keyless(q, (q.shape[1], q.shape[0]), sinks, heads_dim=0)
+        out, lse = _keyless(q, v, (q.shape[1], q.shape[0]), sinks, heads_dim=0)
     elif chosen == "triton":
         from . import ops
 
@@ -313,13 +321,14 @@ def attention_with_kvcache(
 
     Args:
         q: ``[B, Hq, Sq, D]``, Sq >= 1, any strides.
-        k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]``, or paged ``[num_pages, Hkv, page_size, D]`` with
-            ``block_table``: int32 ``[B, max_pages_per_seq]`` (storage ``[num_pages, page_size, Hkv, D]`` is passed
-            as ``.transpose(1, 2)``). Any strides.
+        k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]`` and ``[B, Hkv, S_max, D_v]``, or paged
+            ``[num_pages, Hkv, page_size, D]`` and ``[..., D_v]`` with ``block_table``: int32 ``[B, max_pages_per_seq]``
+            (storage ``[num_pages, page_size, Hkv, D]`` is passed as ``.transpose(1, 2)``). Any strides. Head dims
+            as in :func:`attention`: v's may differ from q/k's.
         cache_seqlens: int32 ``[B]``: tokens already in each sequence's cache.
-        k_new, v_new: optional ``[B, Hkv, Sq, D]``, written into the cache at positions ``cache_seqlens[b] ..``
-            (through the block table when paged) before attending. ``cache_seqlens`` itself is not advanced:
-            that is the caller's (or :class:`tileattn.cache.PagedKVCache`'s) bookkeeping.
+        k_new, v_new: optional ``[B, Hkv, Sq, D]`` and ``[B, Hkv, Sq, D_v]``, written into the caches at positions
+            ``cache_seqlens[b] ..`` (through the block table when paged) before attending. ``cache_seqlens``
+            itself is not advanced: that is the caller's (or :class:`tileattn.cache.PagedKVCache`'s) bookkeeping.
         causal: default True; bottom-right aligned: the Sq queries are the last Sq of the
             ``cache_seqlens[b] (+ Sq if k_new)`` keys.
         num_splits: key splits per sequence for the split-KV kernel; 0 chooses from batch, heads, cache size
@@ -331,12 +340,12 @@ def attention_with_kvcache(
             page ids are trusted); the PyTorch backends always check (they read the lengths on the host anyway).
         Other options as in :func:`attention`.
     Returns:
-        ``out [B, Hq, Sq, D]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
+        ``out [B, Hq, Sq, D_v]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
     """
     biased = alibi_slopes is not None or sinks is not None
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                             softcap, return_lse, num_splits,
-                            _bias_backend(q, backend, alibi_slopes, sinks) if biased else backend)
+                            _bias_backend(q, v_cache, backend, alibi_slopes, sinks) if biased else backend)
     if biased:
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
@@ -365,7 +374,7 @@ def attention_with_kvcache(
 def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
                                       window, softcap, return_lse, num_splits):
     """:func:`attention_with_kvcache` (``check_bounds=False``, ``backend="auto"``) on tensors in flash-attn's
-    ``[B, S, H, D]`` order, returning ``out [B, Sq, Hq, D]``: validated as their ``[B, H, S, D]`` views are, but a
+    ``[B, S, H, D]`` order, returning ``out [B, Sq, Hq, D_v]``: validated as their ``[B, H, S, D]`` views are, but a
     repeated call on the Triton kernel makes none of those views (about a microsecond each)."""
     key = _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                              softcap, return_lse, num_splits, "auto")
@@ -457,14 +466,15 @@ def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new must be given together")
     if k_new is not None:
-        expected = (b, k_cache.shape[1], sq, q.shape[-1])
-        for name, t in (("k_new", k_new), ("v_new", v_new)):
+        for name, t, cache, head_dim in (("k_new", k_new, k_cache, "D"), ("v_new", v_new, v_cache, "D_v")):
+            expected = (b, cache.shape[1], sq, cache.shape[-1])
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
-                raise ValueError(f"{name} must be [B, Hkv, Sq, D] = {list(expected)}, got "
+                raise ValueError(f"{name} must be [B, Hkv, Sq, {head_dim}] = {list(expected)}, got "
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
-    return _KVCacheCall(scale, window, softcap, bool(return_lse), sq if k_new is not None else 0, _backend(q, backend))
+    return _KVCacheCall(scale, window, softcap, bool(return_lse), sq if k_new is not None else 0,
+                        _backend(q, v_cache, backend))
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -505,10 +515,10 @@ def _decide(q, k, v, backend, causal, mask, window, softcap, return_lse) -> disp
                            softcap=softcap, return_lse=bool(return_lse))
 
 
-def _backend(q, backend):
+def _backend(q, v, backend):
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
-    return dispatch.choose_backend(q, backend)
+    return dispatch.choose_backend(q, v, backend)
 
 
 def _warn_no_backward() -> None:
@@ -553,8 +563,9 @@ def _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table):
 
 
 def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batch=True):
-    """Types, ranks, dtypes, devices, head counts and head_dim of q/k/v. ``layout`` names the dims;
-    heads are dim 1 and head_dim the last dim in every layout we take."""
+    """Types, ranks, dtypes, devices, head counts and head dims of q/k/v: q's and k's equal, from 1 to
+    :data:`MAX_HEAD_DIM_QK`; v's its own, from 1 to :data:`MAX_HEAD_DIM_V` (which backends take them is dispatch's
+    to say). ``layout`` names the dims; heads are dim 1 and head_dim the last dim in every layout we take."""
     rank = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -570,15 +581,17 @@ def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batc
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
         if same_batch and t.shape[0] != q.shape[0]:
             raise ValueError(f"{name} batch size {t.shape[0]} != q batch size {q.shape[0]}")
-        if t.shape[-1] != q.shape[-1]:
-            raise ValueError(f"{name} head_dim {t.shape[-1]} != q head_dim {q.shape[-1]}")
-    if k.shape != v.shape:
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k head_dim {k.shape[-1]} != q head_dim {q.shape[-1]} (v's may differ, q's and k's may not)")
+    if k.shape[:-1] != v.shape[:-1]:
         raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    hq, hkv, d, d_v = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if not 1 <= d <= MAX_HEAD_DIM_QK:
+        raise ValueError(f"q/k head_dim must be between 1 and {MAX_HEAD_DIM_QK}, got {d}")
+    if not 1 <= d_v <= MAX_HEAD_DIM_V:
+        raise ValueError(f"v head_dim must be between 1 and {MAX_HEAD_DIM_V}, got {d_v}")
 
 
 def _check_scale(head_dim, scale):

@@ -2,7 +2,8 @@
 
 Backends:
   ``"triton"``       the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
-                    which is how CPU CI tests them). fp16, bf16, fp32; every feature.
+                    which is how CPU CI tests them). fp16, bf16, fp32; every feature; for now equal q/k and v
+                    head dims up to :data:`TRITON_MAX_HEAD_DIM` (``auto`` runs the other head dims on ``"torch"``).
   ``"sdpa"``         PyTorch SDPA's fused kernels (``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``; on CPU
                     its fused CPU kernel), only for plain calls whose semantics match exactly (see ``sdpa``).
                     ``"sdpa"`` takes the fastest calibrated one; the three names pin one.
@@ -35,6 +36,7 @@ from . import calibration, sdpa
 
 BACKENDS = ("auto", "triton", "sdpa", *sdpa.KERNELS, "torch", "naive")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256  # the kernels keep a whole head_dim-wide row of q and of the accumulator in registers
 MAX_CACHED_DECISIONS = 4096
 
 log = logging.getLogger("tileattn")
@@ -99,12 +101,30 @@ def triton_unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def choose_backend(q: torch.Tensor, requested: str) -> str:
-    """The backend for a varlen or KV-cache call (no SDPA equivalent): Triton on CUDA, else the tiled path."""
+def triton_head_dims_reason(head_dim_qk: int, head_dim_v: int) -> str | None:
+    """Why the Triton kernels cannot take these head dims, or None when they can: for now they need v's head dim
+    equal to q/k's and at most :data:`TRITON_MAX_HEAD_DIM` (the API accepts up to 576 and 512)."""
+    if head_dim_v != head_dim_qk:
+        return (f"v head_dim {head_dim_v} != q/k head_dim {head_dim_qk} (the Triton kernels take equal head dims for "
+                "now; backend 'torch' or 'auto' runs it)")
+    if head_dim_qk > TRITON_MAX_HEAD_DIM:
+        return (f"head_dim {head_dim_qk} > {TRITON_MAX_HEAD_DIM} (the Triton kernels' limit for now; backend 'torch' "
+                "or 'auto' runs it)")
+    return None
+
+
+def triton_call_unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton backend cannot run a call with these q and v (device, dtype, head dims), or None."""
+    return triton_unsupported_reason(q) or triton_head_dims_reason(q.shape[-1], v.shape[-1])
+
+
+def choose_backend(q: torch.Tensor, v: torch.Tensor, requested: str) -> str:
+    """The backend for a varlen or KV-cache call (no SDPA equivalent): Triton on CUDA when it takes the call's
+    head dims (``v`` is the values or their cache), else the tiled path."""
     if requested == "auto":
-        return "triton" if q.device.type == "cuda" and triton_unsupported_reason(q) is None else "torch"
+        return "triton" if q.device.type == "cuda" and triton_call_unsupported_reason(q, v) is None else "torch"
     if requested == "triton":
-        reason = triton_unsupported_reason(q)
+        reason = triton_call_unsupported_reason(q, v)
         if reason:
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
     elif requested not in ("torch", "naive"):
@@ -123,7 +143,7 @@ def decide(q, k, v, requested: str, *, causal: bool, has_mask: bool, windowed: b
     if torch.compiler.is_compiling():  # traced once per graph: no cache, no files (see _decide)
         return _decide(q, k, v, requested, features)
     plain_strides = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    key = (requested, q.device, q.dtype, q.shape, k.shape, plain_strides, causal, has_mask, windowed,
+    key = (requested, q.device, q.dtype, q.shape, k.shape, v.shape[-1], plain_strides, causal, has_mask, windowed,
            softcap is not None, return_lse)
     decision = _decisions.get(key)
     if decision is None:
@@ -154,7 +174,7 @@ def reset() -> None:
 
 def _why_not(backend: str, q, k, v, features: dict) -> str | None:
     if backend == "triton":
-        return triton_unsupported_reason(q)
+        return triton_call_unsupported_reason(q, v)
     if backend in sdpa.KERNELS:
         return (sdpa.unsupported_reason(q, k, v, **features)
                 or sdpa.kernel_unsupported_reason(backend, q, k, v, features["causal"]))
@@ -171,7 +191,14 @@ def _decide(q, k, v, requested: str, features: dict) -> Decision:
         if reason:
             raise ValueError(f"backend={requested!r} cannot run this call: {reason}")
         return Decision(requested, "requested")
-    if requested == "auto" and q.device.type == "cuda" and decode_shaped(q, k) and triton_unsupported_reason(q) is None:
+    if requested == "auto" and triton_head_dims_reason(q.shape[-1], v.shape[-1]):
+        # Neither Triton nor SDPA (tileattn uses it for the same head dims only) takes it, whatever the calibration.
+        head_dims = (f"head_dim {q.shape[-1]}" if q.shape[-1] == v.shape[-1] else
+                     f"q/k head_dim {q.shape[-1]} with v head_dim {v.shape[-1]}")
+        return Decision("torch", f"{head_dims}: the Triton kernels take equal head dims up to {TRITON_MAX_HEAD_DIM} "
+                                 "for now and SDPA is used for those only, so the tiled PyTorch path runs it")
+    if (requested == "auto" and q.device.type == "cuda" and decode_shaped(q, k)
+            and triton_unsupported_reason(q) is None):
         return Decision("triton", f"decode-shaped ({q.shape[2]} queries x {q.shape[1] // k.shape[1]} heads per K/V "
                                   f"head <= {DECODE_MAX_ROWS} rows): the split-KV decode kernel (the calibration "
                                   "ranks prefill kernels; the decode bench measures this one at SDPA's best or above)")

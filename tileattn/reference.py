@@ -1,7 +1,8 @@
 """Plain-PyTorch attention: the semantics every backend must reproduce.
 
 Two implementations of the same function, both taking the public arguments of
-:func:`tileattn.attention` (``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]``, any strides):
+:func:`tileattn.attention` (``q`` ``[B, Hq, Sq, D]``, ``k`` ``[B, Hkv, Sk, D]``, ``v`` ``[B, Hkv, Sk, D_v]``, any
+strides; v's head dim may differ from q/k's, the output is ``[B, Hq, Sq, D_v]`` and the default scale ``D ** -0.5``):
 
 * :func:`naive_attention` materializes the ``[B, Hq, Sq, Sk]`` score matrix. It is the
   "standard attention" baseline of our benchmarks, and, called on float64 inputs, the oracle
@@ -200,7 +201,8 @@ def naive_attention(
     inputs is "PyTorch's own naive attention in the same low precision" of the tolerance rule.
     K/V heads are repeated for GQA, as eager attention does. ``v`` is scanned for NaN/Inf first (a host read on
     CUDA): hidden keys' values must not reach the output (see the module docstring).
-    Returns ``out`` (q's dtype) or ``(out, lse)`` with lse ``[B, Hq, Sq]``, fp32 (fp64 when computing in fp64).
+    Returns ``out [B, Hq, Sq, D_v]`` (q's dtype) or ``(out, lse)`` with lse ``[B, Hq, Sq]``, fp32 (fp64 when
+    computing in fp64).
     """
     scale, mask = _defaults(q, k, scale, mask)
     left, right = window_bounds(causal, window)
@@ -240,16 +242,17 @@ def tiled_attention(
     ``Sq x Sk`` tensor exists; GQA is a broadcast over grouped query heads, never a K/V copy.
     Same arguments and result as :func:`naive_attention`, NaN/Inf included: a NaN or ``+inf`` logit makes
     ``m`` (or ``p``) NaN, which carries through ``l`` and ``acc`` to the row's output and lse. ``v`` is scanned
-    once for NaN/Inf (a host read on CUDA), so that finite values take the plain matmul.
+    once for NaN/Inf (a host read on CUDA), so that finite values take the plain matmul. The output
+    ``[B, Hq, Sq, D_v]`` keeps q's memory layout when ``D_v == D``, else is contiguous.
     """
     scale, mask = _defaults(q, k, scale, mask)
     left, right = window_bounds(causal, window)
     b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    hkv, sk, d_v = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
     diag = sk - sq
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.empty_like(q)
+    out = _empty_output(q, d_v)
     lse = torch.empty(b, hq, sq, dtype=lse_dtype(q.dtype), device=q.device)
     # K/V as [B, Hkv, 1, Sk, D]: the singleton broadcasts over the G query heads of each group.
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
@@ -268,7 +271,7 @@ def tiled_attention(
         if sink5 is not None:
             m = torch.maximum(m, sink5)  # maximum propagates a NaN sink: its rows are NaN
             l = torch.where(sink5 == float("-inf"), 0.0, torch.where(sink5.isnan(), float("nan"), 1.0)).expand_as(m)
-        acc = torch.zeros(b, hkv, group, q1 - q0, d, dtype=acc_dtype, device=q.device)
+        acc = torch.zeros(b, hkv, group, q1 - q0, d_v, dtype=acc_dtype, device=q.device)
         # Key range any row of this block may see; blocks outside it are never touched.
         k_lo = 0 if left == UNBOUNDED else max(0, q0 + diag - left)
         k_hi = sk if right == UNBOUNDED else min(sk, q1 - 1 + diag + right + 1)
@@ -290,12 +293,18 @@ def tiled_attention(
         # l == 0: the row saw no key. A NaN l (a NaN or +inf logit) is not 0 and carries into out and lse.
         empty = l == 0
         out_block = torch.where(empty, 0.0, acc / torch.where(empty, 1.0, l))
-        out[:, :, q0:q1] = out_block.reshape(b, hq, q1 - q0, d).to(q.dtype)
+        out[:, :, q0:q1] = out_block.reshape(b, hq, q1 - q0, d_v).to(q.dtype)
         lse_block = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
         lse[:, :, q0:q1] = lse_block.reshape(b, hq, q1 - q0)
     if return_lse:
         return out, lse
     return out
+
+
+def _empty_output(q, d_v):
+    """An uninitialized output: q's shape with the last dim ``d_v``; q's memory layout when ``d_v`` is q's head dim
+    (so a ``[B, S, H, D]`` view in gives one out), else contiguous."""
+    return torch.empty_like(q) if q.shape[-1] == d_v else q.new_empty((*q.shape[:-1], d_v))
 
 
 def _sequence_options(options, b):
@@ -318,9 +327,9 @@ def keyless_rows(sinks, heads, dtype, device):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, impl=tiled_attention, **options):
-    """Packed sequences (q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``), one sequence at a time through
-    ``impl``. Returns ``out [total_q, Hq, D]`` or ``(out, lse [Hq, total_q])``."""
-    out = torch.empty_like(q)
+    """Packed sequences (q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, D_v]``), one sequence at
+    a time through ``impl``. Returns ``out [total_q, Hq, D_v]`` or ``(out, lse [Hq, total_q])``."""
+    out = _empty_output(q, v.shape[-1])
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype), device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
@@ -330,7 +339,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, i
         seq = [t[None].transpose(1, 2) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, S, D] views
         if k1 == k0:
             fill, lse[:, q0:q1] = keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
-            out[q0:q1] = fill.to(out.dtype)[None]  # [1, Hq, 1] over [tokens, Hq, D]
+            out[q0:q1] = fill.to(out.dtype)[None]  # [1, Hq, 1] over [tokens, Hq, D_v]
             continue
         o, l = impl(*seq, return_lse=True, **_sequence_options(options, b))
         out[q0:q1] = o[0].transpose(0, 1)
@@ -339,7 +348,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, i
 
 
 def gather_cache(cache, b, length, block_table=None):
-    """The first ``length`` tokens of sequence ``b`` of a contiguous or paged cache, as ``[Hkv, length, D]``."""
+    """The first ``length`` tokens of sequence ``b`` of a contiguous or paged cache, as ``[Hkv, length, D]`` (the
+    cache's own head dim)."""
     if block_table is None:
         return cache[b, :, :length]
     page_size = cache.shape[2]
@@ -350,8 +360,9 @@ def gather_cache(cache, b, length, block_table=None):
 def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block_table=None, return_lse=False,
                       impl=tiled_attention, **options):
     """``q [B, Hq, Sq, D]`` against each sequence's first ``cache_seqlens[b] + new_tokens`` cached tokens
-    (already written), one sequence at a time through ``impl``; bottom-right aligned."""
-    out = torch.empty_like(q)
+    (already written; k_cache's head dim D, v_cache's D_v), one sequence at a time through ``impl``; bottom-right
+    aligned. Returns ``out [B, Hq, Sq, D_v]`` or ``(out, lse [B, Hq, Sq])``."""
+    out = _empty_output(q, v_cache.shape[-1])
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
     for b, cached in enumerate(cache_seqlens.tolist()):
         length = cached + new_tokens
@@ -359,7 +370,7 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block
         v = gather_cache(v_cache, b, length, block_table)[None]
         if length == 0:
             fill, lse[b] = keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
-            out[b] = fill.to(out.dtype)[:, :, None]  # [Hq, 1, 1] over [Hq, Sq, D]
+            out[b] = fill.to(out.dtype)[:, :, None]  # [Hq, 1, 1] over [Hq, Sq, D_v]
             continue
         o, l = impl(q[b:b + 1], k, v, return_lse=True, **_sequence_options(options, b))
         out[b], lse[b] = o[0], l[0]

@@ -6,8 +6,11 @@ never store the score matrix, so ``backend="auto"`` may pick them where they are
 no mask (SDPA returns NaN for rows with no visible key; we return 0), no window, no softcap, no lse,
 causal only when ``Sq == Sk`` (SDPA's ``is_causal`` is top-left aligned, ours bottom-right), equal q and
 k/v head counts, head_dim a multiple of 8 and a unit-stride last dim (what the fused kernels read without
-a copy). The kernels are called through their ATen ops directly: ``F.scaled_dot_product_attention``
-inside ``sdpa_kernel(...)`` costs about 10 us of host time per call on the context manager alone.
+a copy), v's head dim equal to q/k's and at most 256 (torch 2.13's fused CPU kernel refuses unequal head dims,
+its CUDA flash kernel stops at 256, and which of its CUDA kernels take the others varies with the version:
+those calls run on the tiled path, which is checked against the oracle for them). The kernels are called
+through their ATen ops directly: ``F.scaled_dot_product_attention`` inside ``sdpa_kernel(...)`` costs about
+10 us of host time per call on the context manager alone.
 
 NaN/Inf: PyTorch's fused CPU kernel does not follow IEEE arithmetic on them (measured with torch 2.13: a NaN
 query row gives a finite row when Sq < 16, a NaN in key 0 can vanish, an Inf in a key gives no NaN in
@@ -27,10 +30,15 @@ from .reference import tiled_attention, values_known_finite
 KERNELS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient")  # on CPU only "sdpa_flash" (PyTorch's fused CPU kernel)
 _CAN_USE = {"sdpa_cudnn": "can_use_cudnn_attention", "sdpa_flash": "can_use_flash_attention",
             "sdpa_efficient": "can_use_efficient_attention"}
+MAX_HEAD_DIM = 256  # tileattn's limit for SDPA (see the module docstring), not every kernel's
 
 
 def unsupported_reason(q, k, v, *, causal, has_mask, windowed, softcap, return_lse) -> str | None:
     """Why no SDPA kernel can compute this call with tileattn's semantics, or None when one may."""
+    if v.shape[-1] != q.shape[-1]:
+        return f"v head_dim {v.shape[-1]} != q/k head_dim {q.shape[-1]} (tileattn uses SDPA for equal head dims only)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM} (tileattn uses SDPA's fused kernels up to {MAX_HEAD_DIM})"
     if has_mask:
         return "a mask (SDPA returns NaN where a row sees no key; tileattn returns 0)"
     if windowed:

@@ -14,6 +14,10 @@ masking flash-attn adds ``slope * j``, which shifts each row's lse by ``slope * 
 embeddings, ``cache_batch_idx`` and ``cache_leftpad``. Inference only: ``dropout_p`` must be 0.
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
 as a testing aid that may be wrongly scaled; tileattn never materializes them.
+
+As in flash-attn 3 (not 2), v (and v_cache) may have a head dim ``D_v`` other than q/k's ``D`` in
+``flash_attn_func``, ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` (DeepSeek MLA: 192/128, 576/512);
+the output is then ``[..., D_v]``. Head dims as in :func:`tileattn.attention`: up to 576 for q/k, 512 for v.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def _flash_attn_lse(lse, alibi_slopes, query_positions):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` -> out ``[B, Sq, Hq, D]`` (plus lse ``[B, Hq, Sq]``)."""
+    """q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, D_v]`` -> out ``[B, Sq, Hq, D_v]`` (plus lse
+    ``[B, Hq, Sq]``)."""
     out, lse = api.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=True,
                              **_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes))
     out = out.transpose(1, 2)
@@ -83,10 +88,11 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 def _paged_varlen(q, k_pool, v_pool, cu_seqlens_q, lengths_q, lengths_k, max_seqlen_q, block_table, options):
     """Paged varlen prefill as one KV-cache call: each sequence's queries placed at the end of a
     ``[B, max_seqlen_q]`` batch (bottom-right alignment keeps their positions; the rows in front are discarded), the
-    keys read through the page table. Returns ``(out [total_q, Hq, D], lse [Hq, total_q])``; no host read."""
+    keys read through the page table. Returns ``(out [total_q, Hq, D_v], lse [Hq, total_q])``; no host read."""
     batch, total = len(lengths_q), q.shape[0]
     if total == 0 or max_seqlen_q == 0:
-        return q.new_zeros(q.shape), torch.full((q.shape[1], 0), float("-inf"), device=q.device)
+        return (q.new_zeros((*q.shape[:-1], v_pool.shape[-1])),
+                torch.full((q.shape[1], 0), float("-inf"), device=q.device))
     sequence = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths_q, output_size=total)
     row = torch.arange(total, device=q.device) - cu_seqlens_q[sequence] + (max_seqlen_q - lengths_q)[sequence]
     padded = q.new_zeros(batch, max_seqlen_q, *q.shape[1:])
@@ -100,9 +106,9 @@ def _paged_varlen(q, k_pool, v_pool, cu_seqlens_q, lengths_q, lengths_k, max_seq
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
-    """q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]`` -> out ``[total_q, Hq, D]`` (plus lse ``[Hq, total_q]``).
-    With ``block_table`` ``[B, max_pages]`` (paged prefill), k/v are page pools ``[num_pages, page_size, Hkv, D]``
-    holding each sequence's ``cu_seqlens_k`` keys."""
+    """q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, D_v]`` -> out ``[total_q, Hq, D_v]`` (plus
+    lse ``[Hq, total_q]``). With ``block_table`` ``[B, max_pages]`` (paged prefill), k/v are page pools
+    ``[num_pages, page_size, Hkv, D or D_v]`` holding each sequence's ``cu_seqlens_k`` keys."""
     lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     if block_table is not None:
         out, lse = _paged_varlen(q, k, v, cu_seqlens_q, lengths_q, lengths_k, int(max_seqlen_q), block_table,
@@ -142,9 +148,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
                             num_splits=0, return_softmax_lse=False):
-    """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``, ``[num_blocks, block_size, Hkv, D]``;
-    ``k``/``v`` ``[B, S_new, Hkv, D]`` appended at ``cache_seqlens`` (int or int32 ``[B]``) before attending; the
-    queries are the last ``Sq`` positions of the ``cache_seqlens + S_new`` keys (bottom-right, as in flash-attn).
+    """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``,
+    ``[num_blocks, block_size, Hkv, D]`` (v_cache's head dim ``D_v`` may differ, as in flash-attn 3: out is then
+    ``[B, Sq, Hq, D_v]``); ``k``/``v`` ``[B, S_new, Hkv, D or D_v]`` appended at ``cache_seqlens`` (int or int32
+    ``[B]``) before attending; the queries are the last ``Sq`` positions of the ``cache_seqlens + S_new`` keys
+    (bottom-right, as in flash-attn).
 
     As in flash-attn, ``cache_seqlens`` and ``block_table`` are trusted on the GPU: they are not read back to the
     host (a device sync per call); a length past the cache's capacity is clamped to it, never read or written
@@ -198,10 +206,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q = _rotate(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
     if k is not None and seqlen_new != q.shape[1]:
         # flash-attn appends any number of new keys; the kernels' fused append takes one per query row
-        if v is None or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != k_cache.shape[2:]:
+        if (v is None or v.shape[:-1] != k.shape[:-1] or k.shape[0] != q.shape[0] or k.shape[2:] != k_cache.shape[2:]
+                or v.shape[2:] != v_cache.shape[2:]):
             raise ValueError(f"k and v must be [B, S_new, Hkv, D] = [{q.shape[0]}, S_new, {k_cache.shape[2]}, "
-                             f"{k_cache.shape[3]}], got {None if k is None else tuple(k.shape)} and "
-                             f"{None if v is None else tuple(v.shape)}")
+                             f"{k_cache.shape[3]}] and [B, S_new, Hkv, D_v] with D_v = {v_cache.shape[3]}, got "
+                             f"{None if k is None else tuple(k.shape)} and {None if v is None else tuple(v.shape)}")
         if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
             raise TypeError(f"k and v must have the cache's dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
         caches = k_cache.transpose(1, 2), v_cache.transpose(1, 2)

@@ -34,8 +34,9 @@ _backend = "auto"  # set by register(backend=...)
 
 def tileattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                                **kwargs):
-    """Transformers' attention-interface signature. ``query [B, Hq, Sq, D]``, ``key``/``value``
-    ``[B, Hkv, Skv, D]``; returns ``(out [B, Sq, Hq, D], None)``."""
+    """Transformers' attention-interface signature. ``query [B, Hq, Sq, D]``, ``key [B, Hkv, Skv, D]``, ``value
+    [B, Hkv, Skv, D_v]`` (D_v may differ from D: DeepSeek-V3's MLA, 192/128, is passed through unpadded); returns
+    ``(out [B, Sq, Hq, D_v], None)``."""
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='tileattn' never materializes attention weights; "
                          "load the model with attn_implementation='eager' to get output_attentions")
