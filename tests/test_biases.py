@@ -195,6 +195,8 @@ def test_kernels_in_every_dtype(dtype, kind, options, sq, sk):
     q, k, v = random_qkv(2, 8, 2, sq, sk, 64, dtype=dtype, device=DEVICE)
     slopes, sinks = biases(kind, 2, 8)
     backend = "auto" if DEVICE == "cuda" else "triton"
+    if DEVICE == "cuda":  # auto must pick the kernels here, or this would test the torch path again
+        assert tileattn.explain(q, k, v, alibi_slopes=slopes, sinks=sinks, **options).backend == "triton"
     out, lse = tileattn.attention(q, k, v, alibi_slopes=slopes, sinks=sinks, return_lse=True, backend=backend,
                                   **options)
     assert_matches_oracle(out, q, k, v, lse, alibi_slopes=slopes, sinks=sinks, **options)
@@ -207,3 +209,15 @@ def test_explain_names_the_backend_that_runs_biased_calls():
     with pytest.raises(ValueError, match="alibi_slopes"):
         tileattn.explain(q, q, q, alibi_slopes=torch.zeros(2, device=DEVICE), backend="sdpa_flash")
     assert tileattn.explain(q, q, q, sinks=torch.zeros(2, device=DEVICE), backend="triton").backend == "triton"
+
+
+def test_gradients_keep_auto_on_the_differentiable_path():
+    """The kernels have no backward yet: where a gradient is asked for (gpt-oss's trained s_aux, or q/k/v), auto runs
+    the tiled PyTorch path and the gradients reach the sinks and the inputs."""
+    q, k, v = (torch.randn(1, 4, s, 16, device=DEVICE) for s in (5, 9, 9))
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    assert tileattn.explain(q, k, v, sinks=sinks).backend == "torch"
+    tileattn.attention(q, k, v, causal=True, sinks=sinks).sum().backward()
+    assert sinks.grad is not None and torch.isfinite(sinks.grad).all() and sinks.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert tileattn.explain(q, k, v, sinks=sinks).backend == ("triton" if DEVICE == "cuda" else "torch")

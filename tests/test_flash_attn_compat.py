@@ -331,3 +331,30 @@ def test_paged_lengths_past_the_block_table_raise_as_in_flash_attn(append):
     with pytest.raises(RuntimeError, match="block_table"):
         fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=k_new, cache_seqlens=seqlens, block_table=table)
     assert torch.equal(k_cache, before)
+
+
+def test_leftpad_overflow_is_an_error_on_the_checked_paths():
+    """cache_seqlens counts from the row's start: a row whose tokens plus the new ones pass its end must raise (the
+    one-token page table would otherwise clamp every write into the last slot)."""
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA the lengths are trusted, as in flash-attn (no host read)")
+    k_cache, v_cache = bshd(1, 8, 1, 16), bshd(1, 8, 1, 16)
+    q, k, v = bshd(1, 2, 1, 16), bshd(1, 2, 1, 16), bshd(1, 2, 1, 16)
+    with pytest.raises(RuntimeError, match="past the row"):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([7], dtype=torch.int32),
+                                   cache_leftpad=torch.tensor([2], dtype=torch.int32))
+
+
+def test_rotary_window_as_wide_as_the_cache_counts_as_unbounded():
+    """flash-attn resets a window side >= the cache's capacity to unbounded, so q is rotated as for a non-local call."""
+    k_cache, v_cache = bshd(1, 32, 1, 16, torch.float32), bshd(1, 32, 1, 16, torch.float32)
+    q, k, v = (bshd(1, 3, h, 16, torch.float32) for h in (2, 1, 1))
+    angles = torch.rand(64, 8, device=DEVICE) * 6
+    seqlens = torch.tensor([10], dtype=torch.int32, device=DEVICE)
+    outs = []
+    for window in ((-1, -1), (32, 32), (1000, 1000)):
+        caches = k_cache.clone(), v_cache.clone()
+        outs.append(fa.flash_attn_with_kvcache(q, *caches, k, v, rotary_cos=angles.cos(), rotary_sin=angles.sin(),
+                                               cache_seqlens=seqlens, window_size=window))
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(outs[2], outs[0])

@@ -54,8 +54,8 @@ def attention(
         alibi_slopes: fp32 ``[Hq]`` or ``[B, Hq]``: ALiBi, ``-slope * |i + Sk - Sq - j|`` added to the logits.
         sinks: ``[Hq]`` (any float dtype): one logit per head that joins each row's softmax denominator and
             attends to nothing (gpt-oss's ``s_aux``); lse includes it, a row that sees no key gets lse ``sink``.
-            ``auto`` runs ALiBi and sinks on ``torch`` until the Triton kernels' support (``backend="triton"``) is
-            measured on a GPU.
+            ``auto`` runs ALiBi and sinks in the Triton kernels on CUDA, and on the differentiable ``torch`` path
+            where a gradient is asked for (an input, the slopes or the sinks requiring grad) or Triton cannot run.
         return_lse: also return the natural-log logsumexp of each row, ``[B, Hq, Sq]``, fp32 (fp64 for fp64 inputs).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
@@ -97,14 +97,15 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-# ---- ALiBi and attention sinks (the PyTorch backends for now) -----------------------------------------
+# ---- ALiBi and attention sinks (Triton kernels, or the PyTorch backends) --------------------------------
 
 BIAS_BACKENDS = ("triton", "torch", "naive")
 
 
-def _bias_backend(q, v, backend, alibi_slopes, sinks):
-    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA (they carry
-    both at the plain kernels' speed) where they take v's head dim, else the tiled PyTorch path; SDPA cannot
+def _bias_backend(q, k, v, backend, alibi_slopes, sinks):
+    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA where they take
+    v's head dim, else the tiled PyTorch path, which is also where a gradient is asked for (the kernels have no
+    backward yet; this path is differentiable, and gpt-oss's ``s_aux`` is a trained parameter); SDPA cannot
     take them."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
@@ -112,7 +113,13 @@ def _bias_backend(q, v, backend, alibi_slopes, sinks):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
+    if backend == "auto" and _needs_grad(q, k, v, alibi_slopes, sinks):
+        return "torch"
     return dispatch.choose_backend(q, v, backend)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_biases(q, alibi_slopes, sinks, batch):
@@ -146,7 +153,7 @@ def _keyless(q, v, shape, sinks, heads_dim):
 
 
 def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse, backend):
-    chosen = _bias_backend(q, v, backend, alibi_slopes, sinks)
+    chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
     _check_biases(q, alibi_slopes, sinks, q.shape[0])
     options = dict(scale=call.scale, softcap=call.softcap, mask=None if mask is None else mask.expand(call.mask_shape),
@@ -156,7 +163,7 @@ def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_
     elif chosen == "triton":
         from . import ops
 
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if _needs_grad(q, k, v, alibi_slopes, sinks):
             _warn_no_backward()
         if call.decode_shaped:
             out, lse = ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=call.window,
@@ -241,7 +248,7 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
     """
     scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
     if alibi_slopes is not None or sinks is not None:
-        chosen = _bias_backend(q, v, backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
         if backend != "auto":
             return dispatch.Decision(chosen, f"requested ({backend} takes ALiBi slopes and sinks)")
@@ -291,7 +298,7 @@ def attention_varlen(
                 raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the max_seqlen given for {name} ({longest})")
     biased = alibi_slopes is not None or sinks is not None
     if biased:
-        chosen = _bias_backend(q, v, backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks)
         _check_biases(q, alibi_slopes, sinks, cu_seqlens_q.shape[0] - 1)
     else:
         chosen = _backend(q, v, backend)
@@ -301,7 +308,7 @@ def attention_varlen(
     elif chosen == "triton":
         from . import ops
 
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if _needs_grad(q, k, v, alibi_slopes, sinks):
             _warn_no_backward()
         out, lse = ops.run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           window=(left, right), return_lse=bool(return_lse), **options)
@@ -345,7 +352,7 @@ def attention_with_kvcache(
     biased = alibi_slopes is not None or sinks is not None
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                             softcap, return_lse, num_splits,
-                            _bias_backend(q, v_cache, backend, alibi_slopes, sinks) if biased else backend)
+                            _bias_backend(q, k_cache, v_cache, backend, alibi_slopes, sinks) if biased else backend)
     if biased:
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.

@@ -187,6 +187,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
             raise NotImplementedError("cache_leftpad needs each cache row to follow the previous one in memory")
         capacity = k_cache.shape[1]
+        if q.device.type != "cuda" and api._may_read_device_values():  # the checked paths (see above), in row terms:
+            longest = int((cache_seqlens.long() + seqlen_new).max())  # the page table below clamps the last slot
+            if longest > capacity:
+                raise api.CacheBoundsError(f"a sequence ends at slot {longest} of its cache row (cache_seqlens + new "
+                                           f"keys), past the row's {capacity} slots")
         rows = (torch.arange(q.shape[0], device=q.device) if cache_batch_idx is None else cache_batch_idx.long())
         slots = cache_leftpad.long()[:, None] + torch.arange(capacity, device=q.device)[None]
         block_table = (rows[:, None] * capacity + slots.clamp(max=capacity - 1)).to(torch.int32)
@@ -202,7 +207,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         k = _rotate(k, rotary_cos, rotary_sin, start + torch.arange(k.shape[1], device=q.device)[None],
                     rotary_interleaved)
         positions = start + torch.arange(q.shape[1], device=q.device)[None]
-        q_positions = positions if causal or window is not None else start.expand_as(positions)
+        # flash-attn counts a window side as unbounded from the cache's capacity on: then q is rotated as non-local
+        capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])  # keys a row can hold
+        local = window is not None and any(0 <= side < capacity for side in window)
+        q_positions = positions if causal or local else start.expand_as(positions)
         q = _rotate(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
     if k is not None and seqlen_new != q.shape[1]:
         # flash-attn appends any number of new keys; the kernels' fused append takes one per query row
