@@ -119,7 +119,8 @@ def _bias_backend(q, k, v, backend, alibi_slopes, sinks):
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # runs before the biases are validated: a non-tensor is _check_biases's to refuse
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _check_biases(q, alibi_slopes, sinks, batch):
