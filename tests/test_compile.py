@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tileattn
-from tileattn.testing import random_qkv
+from tileattn.testing import capture_graph, random_qkv
 
 from conftest import DEVICE
 
@@ -80,14 +80,7 @@ def test_decode_step_cuda_graph_replay():
     q = torch.randn(4, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     step = lambda: tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens)  # noqa: E731
     expected = step().clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
     q.copy_(torch.randn_like(q))  # new inputs, same buffers
     graph.replay()
     torch.testing.assert_close(out, step())

@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounter
 
 import tileattn
 import tileattn.ops  # noqa: F401  (registers torch.ops.tileattn.*)
-from tileattn.testing import random_qkv
+from tileattn.testing import capture_graph, random_qkv
 
 from conftest import DEVICE
 
@@ -161,14 +161,7 @@ def test_decode_with_append_replays_in_a_cuda_graph_for_changing_lengths():
         return tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
                                                check_bounds=False)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
     for lengths in ([4, 101, 201], [0, 7, 254], [60, 60, 60]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         for t in (q, k_new, v_new):

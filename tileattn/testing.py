@@ -83,3 +83,18 @@ def assert_matches_oracle(out, q, k, v, lse=None, **options):
         assert torch.equal(lse == float("-inf"), empty_rows), "lse must be -inf exactly on rows that see no key"
         lse_err = (lse.double() - ref_lse)[~empty_rows].abs()
         assert lse_err.numel() == 0 or lse_err.max().item() <= 1e-4, f"lse error {lse_err.max().item():.3g}"
+
+
+def capture_graph(fn):
+    """``(graph, out)``: ``fn`` captured in a CUDA graph after a warm-up call on a side stream (the first call of a
+    kernel compiles and allocates, which capture forbids); ``out`` is the captured call's result, rewritten by
+    every ``graph.replay()``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
