@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .common import (
     LOG2E, MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, initial_state, key_block_ranges, load_tile,
-    mask_arguments,
+    mask_arguments, mask_tensor,
     needs_int64_index, next_power_of_2,
 )
 from .launch import Launcher
@@ -147,27 +147,38 @@ def _plan(head_dim, dtype, interpreted, config, window, mask_kind, mask_per_key,
     return block_m, num_warps, num_stages, constexprs
 
 
-def _launch(q, k, v, out, lse, strides, batch, sq, sk, cu_seqlens, *, window, scale, softcap, mask, alibi_slopes,
-            sinks, return_lse, config):
-    """Shared launch of the dense and varlen forms. ``strides`` gives q/k/v/out/lse strides as
-    (batch, head, token, dim) tuples (lse: batch, head, token); ``sq``/``sk`` size the grid."""
-    hq = q.shape[-2 if cu_seqlens else 1]
-    hkv = k.shape[-2 if cu_seqlens else 1]
+def _prepare(q, k, v, out, lse, strides, batch, sq, sk, varlen, *, window, scale, softcap, mask, alibi_slopes, sinks,
+             return_lse, config):
+    """The :class:`Launch` of a dense or varlen call (everything but its tensors, see :func:`_tensors`).
+    ``strides`` gives q/k/v/out/lse strides as (batch, head, token, dim) tuples (lse: batch, head, token);
+    ``sq``/``sk`` size the grid."""
+    hq = q.shape[-2 if varlen else 1]
+    hkv = k.shape[-2 if varlen else 1]
     mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(mask, placeholder=q, row_dims=(2,))
-    cu_q, cu_k = cu_seqlens or (q, q)
     block_m, num_warps, num_stages, constexprs = _plan(
         q.shape[-1], q.dtype, q.device.type == "cpu", config, window, mask_kind, mask_per_key, softcap is not None,
-        return_lse, cu_seqlens is not None, needs_int64_index(q, k, v, out, mask_arg), alibi_slopes is not None,
-        sinks is not None)
+        return_lse, varlen, needs_int64_index(q, k, v, out, mask_arg), alibi_slopes is not None, sinks is not None)
     left, right = window
-    alibi_arg = q if alibi_slopes is None else alibi_slopes.contiguous()  # the kernel reads heads at unit stride
-    sinks_arg = q if sinks is None else sinks.contiguous()  # q: a placeholder, never read
-    alibi_batch_stride = alibi_arg.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
-    _prefill((cdiv(sq, block_m), batch * hq, 1), (q, k, v, out, lse, mask_arg, cu_q, cu_k, alibi_arg, sinks_arg),
-             (*strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
-              alibi_batch_stride, hq, hq // hkv, sq, sk, max(left, 0), max(right, 0)),
-             (scale, softcap or 1.0), constexprs, num_warps, num_stages)
-    return out, (lse if return_lse else None)
+    # The kernel reads slopes at unit head stride (the tensors passes them contiguous), per sequence when [B, Hq].
+    alibi_batch_stride = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    return _prefill.prepare(
+        (cdiv(sq, block_m), batch * hq, 1),
+        (*strides["q"], *strides["k"], *strides["v"], *strides["out"], *strides["lse"], *mask_strides,
+         alibi_batch_stride, hq, hq // hkv, sq, sk, max(left, 0), max(right, 0)),
+        (scale, softcap or 1.0), constexprs, num_warps, num_stages)
+
+
+def _tensors(q, k, v, out, lse, mask, cu_seqlens, alibi_slopes, sinks):
+    """The kernel's tensor arguments (q stands in for the absent ones, never read)."""
+    cu_q, cu_k = cu_seqlens or (q, q)
+    return (q, k, v, out, lse, mask_tensor(mask, q), cu_q, cu_k,
+            q if alibi_slopes is None else alibi_slopes.contiguous(), q if sinks is None else sinks.contiguous())
+
+
+# Prepared launches of dense calls by signature (shapes, strides, dtypes, options): a repeated call (the same
+# layer shape in every step of a model) recomputes nothing but its outputs.
+_calls: dict = {}
+MAX_CACHED_CALLS = 4096
 
 
 def prefill_attention(
@@ -189,13 +200,23 @@ def prefill_attention(
     Returns:
         ``(out, lse)``; lse is fp32 ``[B, Hq, Sq]`` (natural log), or None unless ``return_lse``.
     """
-    b, _, sq, _ = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
-    strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), out=out.stride(), lse=lse.stride()[:3])
-    return _launch(q, k, v, out, lse, strides, b, sq, k.shape[2], None, window=window, scale=scale,
-                   softcap=softcap, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse,
-                   config=config)
+    key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), v.stride(), out.stride(),
+           None if mask is None else (mask.shape, mask.stride(), mask.dtype),
+           None if alibi_slopes is None else alibi_slopes.shape, sinks is not None,
+           tuple(window), scale, softcap, return_lse, None if config is None else tuple(config))
+    launch = _calls.get(key)
+    if launch is None:
+        strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), out=out.stride(), lse=lse.stride()[:3])
+        launch = _prepare(q, k, v, out, lse, strides, q.shape[0], q.shape[2], k.shape[2], False, window=window,
+                          scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks,
+                          return_lse=return_lse, config=config)
+        if len(_calls) >= MAX_CACHED_CALLS:
+            _calls.clear()
+        _calls[key] = launch
+    _prefill.launch(launch, _tensors(q, k, v, out, lse, mask, None, alibi_slopes, sinks))
+    return out, (lse if return_lse else None)
 
 
 def prefill_attention_varlen(
@@ -212,6 +233,8 @@ def prefill_attention_varlen(
     lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32) if return_lse else out
     lse_strides = (0, lse.stride(0), lse.stride(1)) if return_lse else (0, 0, 0)
     strides = dict(q=bhsd(q), k=bhsd(k), v=bhsd(v), out=bhsd(out), lse=lse_strides)
-    return _launch(q, k, v, out, lse, strides, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
-                   (cu_seqlens_q, cu_seqlens_k), window=window, scale=scale, softcap=softcap, mask=None,
-                   alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, config=config)
+    launch = _prepare(q, k, v, out, lse, strides, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, True,
+                      window=window, scale=scale, softcap=softcap, mask=None, alibi_slopes=alibi_slopes, sinks=sinks,
+                      return_lse=return_lse, config=config)
+    _prefill.launch(launch, _tensors(q, k, v, out, lse, None, (cu_seqlens_q, cu_seqlens_k), alibi_slopes, sinks))
+    return out, (lse if return_lse else None)
