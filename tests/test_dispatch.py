@@ -63,22 +63,39 @@ def test_sdpa_backend_matches_oracle(dtype, shape, causal, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_each_sdpa_kernel_matches_oracle(kernel, dtype):
-    q, k, v = random_qkv(2, 4, 4, 300, 300, 128, dtype=dtype, device="cuda")
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "gqa"])
+def test_each_sdpa_kernel_matches_oracle(kernel, dtype, kv_heads):
+    q, k, v = random_qkv(2, 4, kv_heads, 300, 300, 128, dtype=dtype, device="cuda")
+    if kv_heads == 1 and kernel == "sdpa_efficient":  # its ATen op needs equal head counts: refused, not repeated
+        with pytest.raises(ValueError, match="GQA"):
+            tileattn.attention(q, k, v, causal=True, backend=kernel)
+        return
     out = tileattn.attention(q, k, v, causal=True, backend=kernel)
     assert_matches_oracle(out, q, k, v, causal=True)
 
 
+def test_gqa_plain_call_runs_on_sdpa_where_calibrated_fastest():
+    """K/V heads are not repeated: the SDPA kernels auto may pick for GQA take un-repeated K/V (see tileattn.sdpa)."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    q, k, v = random_qkv(2, 8, 2, 96, 96, 64, dtype=dtype, device=DEVICE)
+    ranking = ["sdpa_efficient", "sdpa_cudnn", "sdpa_flash", "torch"]
+    write(user_file(), table(ranking, ranking, dtype=str(dtype).removeprefix("torch."), causal=True))
+    dispatch.reset()
+    decision = tileattn.explain(q, k, v, causal=True)
+    assert decision.backend == ("sdpa_flash" if DEVICE == "cpu" else "sdpa_cudnn"), decision
+    assert "sdpa_efficient (GQA" in decision.reason
+    assert_matches_oracle(tileattn.attention(q, k, v, causal=True), q, k, v, causal=True)
+
+
 @pytest.mark.parametrize("options,reason", [
     (dict(mask=True), "mask"), (dict(window=(4, None)), "window"), (dict(softcap=2.0), "softcap"),
-    (dict(return_lse=True), "return_lse"), (dict(causal=True, sq=70), "Sq != Sk"), (dict(gqa=True), "GQA"),
+    (dict(return_lse=True), "return_lse"), (dict(causal=True, sq=70), "Sq != Sk"),
     (dict(head_dim=20), "multiple of 8"),
 ])
 def test_sdpa_refuses_what_it_cannot_do_exactly(options, reason):
     options = dict(options)
     sq, d = options.pop("sq", 80), options.pop("head_dim", 64)
-    hkv = 1 if options.pop("gqa", False) else 2
-    q, k, v = random_qkv(1, 2, hkv, sq, 80, d, dtype=torch.float32, device=DEVICE)  # not decode-shaped
+    q, k, v = random_qkv(1, 2, 2, sq, 80, d, dtype=torch.float32, device=DEVICE)  # not decode-shaped
     if options.pop("mask", False):
         options["mask"] = torch.ones(80, 80, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match=reason):

@@ -51,22 +51,25 @@ def test_tensor_classes_match_triton():
             t = base[offset:offset + 64].view(dtype) if offset % dtype.itemsize == 0 else None
             if t is None:
                 continue
-            ours = launch.tensor_classes([t])
+            ours = launch.tensor_classes([t], [t.data_ptr()])
             assert seen.setdefault(ours, triton_key(t)) == triton_key(t), (dtype, offset)
     assert len(seen) == 10  # five dtypes x aligned or not
 
 
 class _StandInKernel:
-    """Compiled for one specialization: every launch it receives must have exactly that specialization."""
+    """Compiled for one specialization: every launch it receives must have exactly that specialization. The direct
+    launch passes tensors as their data pointers: the launch's tensors are ``jit.current`` (set by the test)."""
 
-    def __init__(self, specialization):
-        self.specialization, self.launches = specialization, 0
+    def __init__(self, specialization, jit):
+        self.specialization, self.jit, self.launches = specialization, jit, 0
         self.function = self.packed_metadata = None
 
     def run(self, g0, g1, g2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
-        *runtime, constexpr = args
-        spec = [triton_key(a) if not isinstance(a, float) else None for a in runtime] + [("constexpr", constexpr)]
-        assert spec == self.specialization
+        tensors = self.jit.current
+        pointers, (*runtime, constexpr) = args[:len(tensors)], args[len(tensors):]
+        assert list(pointers) == [t.data_ptr() for t in tensors]
+        spec = [triton_key(a) if not isinstance(a, float) else None for a in (*tensors, *runtime)]
+        assert spec + [("constexpr", constexpr)] == self.specialization
         self.launches += 1
 
 
@@ -83,7 +86,7 @@ class _StandInJIT:
         def bind(*args, C, num_warps, num_stages):
             spec = [triton_key(a) if not isinstance(a, float) else None for a in args] + [("constexpr", C)]
             key = (repr(spec), num_warps, num_stages)
-            kernel = self.compiled.setdefault(key, _StandInKernel(spec))
+            kernel = self.compiled.setdefault(key, _StandInKernel(spec, self))
             kernel.launches += 1
             return kernel
         return bind
@@ -101,6 +104,7 @@ def test_launcher_never_reuses_a_kernel_for_another_specialization(monkeypatch):
         tensors = [buffer[rng.choice((0, 2, 16, 18, 32)):][:64].view(rng.choice((torch.float16, torch.bfloat16)))
                    for _ in range(2)]
         ints = [rng.choice(INTS[:14]) for _ in range(3)]
+        fn.current = tensors
         launcher((1, 1, 1), tensors, ints, [rng.random()], (rng.choice((1, 2)),), 4, 1)
     assert sum(k.launches for k in fn.compiled.values()) == 3000
     assert len(fn.compiled) > 50  # many specializations met, each compiled once and reused only for itself
@@ -144,4 +148,49 @@ def test_alternating_specializations_against_oracle(dtype):
             n = int(lengths[b]) + 1
             assert torch.equal(k_cache[b, :, n - 1], k_new[b, :, 0]) and torch.equal(v_cache[b, :, n - 1], v_new[b, :, 0])
             assert_matches_oracle(out[b:b + 1], q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
+                                  causal=True)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_prepared_launches_follow_each_calls_layout(dtype, backend):
+    """A repeated call reuses the launch prepared for its signature (``api._Call.plan``), whose strides are baked
+    in: calls of the same shapes in alternating memory layouts and mask broadcasts, prefill and decode-shaped,
+    must each get their own, every result against the oracle."""
+    layouts = ("contiguous", "bshd", "strided", "contiguous", "dmajor", "bshd")
+    for sq in (24, 1):
+        for i, layout in enumerate(layouts):
+            q, k, v = random_qkv(2, 4, 2, sq, 40, 32, dtype=dtype, device=DEVICE, layout=layout)
+            keep = torch.rand(2, 40, device=DEVICE) > 0.3
+            keep[:, -1] = True
+            mask = keep[:, None, None, :] if i % 2 else keep[:, None, None, :].expand(2, 4, sq, 40).contiguous()
+            out = tileattn.attention(q, k, v, causal=sq > 1, backend=backend)
+            assert_matches_oracle(out, q, k, v, causal=sq > 1)
+            out = tileattn.attention(q, k, v, mask=mask, backend=backend)
+            assert_matches_oracle(out, q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_prepared_kvcache_launches_follow_each_calls_layout(dtype):
+    """The same for ``attention_with_kvcache`` and flash-attn's ``[B, S, H, D]`` entry point: caches of one shape
+    seen through different strides, lengths at unit stride or not (the latter is copied per call, not planned).
+    flash-attn's entry point runs ``auto``: the Triton kernel on a GPU, the PyTorch path on CPU."""
+    from tileattn import flash_attn_compat
+
+    for i in range(6):
+        q, k_new, v_new = random_qkv(2, 4, 2, 1, 1, 32, dtype=dtype, device=DEVICE, layout=("contiguous", "bshd")[i % 2])
+        storage = torch.randn(2, 50, 2, 64, dtype=dtype, device=DEVICE)  # [B, S, H, 2 * D]: k and v interleaved
+        k_cache, v_cache = (storage[..., :32], storage[..., 32:]) if i % 3 else (storage[..., 32:], storage[..., :32])
+        lengths = torch.tensor([[7, 30], [30, 7]][i % 2], dtype=torch.int32, device=DEVICE)
+        if i >= 3:
+            lengths = lengths.repeat_interleave(2)[::2]  # the same lengths at stride 2
+        out = tileattn.attention_with_kvcache(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), lengths,
+                                              k_new=k_new, v_new=v_new, check_bounds=False, backend="triton")
+        seq_first = flash_attn_compat.flash_attn_with_kvcache(q.transpose(1, 2), k_cache, v_cache,
+                                                              cache_seqlens=lengths, causal=True)
+        for b in range(2):  # the first call appended one token; the second attends to the cached ones only
+            n = int(lengths[b]) + 1
+            keys, values = k_cache[b:b + 1, :n].transpose(1, 2), v_cache[b:b + 1, :n].transpose(1, 2)
+            assert_matches_oracle(out[b:b + 1], q[b:b + 1], keys, values, causal=True)
+            assert_matches_oracle(seq_first[b:b + 1].transpose(1, 2), q[b:b + 1], keys[:, :, :-1], values[:, :, :-1],
                                   causal=True)

@@ -12,7 +12,7 @@ import torch
 from . import dispatch, reference
 from .cache import write_kv
 from .reference import UNBOUNDED, lse_dtype, naive_attention, tiled_attention, window_bounds
-from .sdpa import sdpa_attention
+from .sdpa import sdpa_attention, sdpa_plan
 
 MAX_HEAD_DIM_QK = 576  # DeepSeek MLA's latent cache: 512 latent + 64 rotary columns
 MAX_HEAD_DIM_V = 512
@@ -68,13 +68,19 @@ def attention(
     if alibi_slopes is not None or sinks is not None:
         return _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse,
                                       backend)
-    call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend)
+    call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan=True)
     if call.empty:  # nothing to launch: empty result, or rows that see no key
         out = q.new_zeros((*q.shape[:3], v.shape[-1]))
         lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
     if mask is not None:
         mask = mask.expand(call.mask_shape)  # a view: broadcast dims get stride 0, nothing is copied
+    if call.plan is not None:  # an eager call whose launch is prepared for its signature (see _Call)
+        if call.backend == "triton" and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            _warn_no_backward()
+        out, lse = call.plan.run(q, k, v, mask)
+        return (out, lse) if call.return_lse else out
 
     chosen, window, return_lse = call.backend, call.window, call.return_lse
     options = dict(scale=call.scale, mask=mask, softcap=call.softcap)
@@ -178,7 +184,10 @@ def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_
 
 
 class _Call(NamedTuple):
-    """A validated ``attention`` call, normalized, with its backend: what depends only on the call's signature."""
+    """A validated ``attention`` call, normalized, with its backend: what depends only on the call's signature.
+    ``plan``: for the calls whose signature is cached, on the Triton kernels or one of SDPA's CUDA kernels, the
+    prepared launch (``plan.run(q, k, v, mask)`` gives ``(out, lse or None)``), so that a repeated call goes from
+    one lookup straight to its kernel; None for the others."""
 
     scale: float
     window: tuple[int, int]
@@ -188,11 +197,12 @@ class _Call(NamedTuple):
     backend: str
     decode_shaped: bool
     empty: bool
+    plan: object
 
 
-# Validated calls by signature: everything the checks and the backend choice depend on (types, shapes, dtypes,
-# devices, unit last strides, options). A repeated signature skips the checks it already passed, which cost as
-# much host time as a kernel launch; any other call (tensor subclasses, options of other types, inside
+# Validated calls by signature: everything the checks, the backend choice and a prepared launch depend on (types,
+# shapes, strides, dtypes, devices, options). A repeated signature skips the checks it already passed, which cost
+# as much host time as a kernel launch; any other call (tensor subclasses, options of other types, inside
 # torch.compile) is checked in full. Cleared with the dispatch decisions (dispatch.reset()).
 _prepared: dict = {}
 _OPTION_TYPES = (type(None), int, float)
@@ -213,25 +223,37 @@ def _remember(key, call):
     _prepared[key] = call
 
 
-def _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend):
+def _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan):
     if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
             and (mask is None or type(mask) is torch.Tensor) and _plain_options(causal, scale, window, softcap)) \
             or torch.compiler.is_compiling():
         return None
-    return (backend, causal, scale, window, softcap, bool(return_lse), q.shape, k.shape, v.shape, q.dtype, k.dtype,
-            v.dtype, q.device, k.device, v.device, q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
-            None if mask is None else (mask.shape, mask.dtype, mask.device))
+    return (backend, causal, scale, window, softcap, bool(return_lse), with_plan, q.shape, k.shape, v.shape,
+            q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            None if mask is None else (mask.shape, mask.stride(), mask.dtype, mask.device))
 
 
-def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend) -> _Call:
-    key = _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend)
+def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan=False) -> _Call:
+    """The :class:`_Call` of this call, from the cache when its signature was met before; ``with_plan``: also
+    prepare its launch (for plain calls: no ALiBi or sinks, which the signature does not hold)."""
+    key = _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan)
     call = _prepared.get(key) if key is not None else None
     if call is None:
         scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
         chosen = _decide(q, k, v, backend, causal, mask, window, softcap, return_lse).backend
         b, hq, sq, _ = q.shape
-        call = _Call(scale, window, softcap, bool(return_lse), (b, hq, sq, k.shape[2]), chosen,
-                     dispatch.decode_shaped(q, k), b == 0 or sq == 0 or k.shape[2] == 0)
+        empty, decode_shaped = b == 0 or sq == 0 or k.shape[2] == 0, dispatch.decode_shaped(q, k)
+        plan = None
+        if with_plan and key is not None and not empty:
+            if chosen == "triton":
+                from . import ops
+
+                plan = ops.attention_plan(q, k, v, decode_shaped=decode_shaped, mask=mask, scale=scale,
+                                          window=window, softcap=softcap, return_lse=bool(return_lse))
+            elif chosen.startswith("sdpa") and q.device.type == "cuda":
+                plan = sdpa_plan(chosen, q, k, v, causal=causal, scale=scale)
+        call = _Call(scale, window, softcap, bool(return_lse), (b, hq, sq, k.shape[2]), chosen, decode_shaped, empty,
+                     plan)
         if key is not None:
             _remember(key, call)
     return call
@@ -353,13 +375,18 @@ def attention_with_kvcache(
     biased = alibi_slopes is not None or sinks is not None
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                             softcap, return_lse, num_splits,
-                            _bias_backend(q, k_cache, v_cache, backend, alibi_slopes, sinks) if biased else backend)
+                            _bias_backend(q, k_cache, v_cache, backend, alibi_slopes, sinks) if biased else backend,
+                            with_plan=not biased)
     if biased:
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
     if (check_bounds or call.backend != "triton") and _may_read_device_values():
         _check_cache_bounds(k_cache, cache_seqlens, call.new_tokens, block_table)
-    if call.backend == "triton":
+    if call.plan is not None:  # a plain eager call whose launch is prepared for its signature
+        if torch.is_grad_enabled() and q.requires_grad:
+            _warn_no_backward()
+        out, lse = call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new)
+    elif call.backend == "triton":
         from . import ops
 
         if torch.is_grad_enabled() and q.requires_grad:
@@ -385,7 +412,7 @@ def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new,
     ``[B, S, H, D]`` order, returning ``out [B, Sq, Hq, D_v]``: validated as their ``[B, H, S, D]`` views are, but a
     repeated call on the Triton kernel makes none of those views (about a microsecond each)."""
     key = _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
-                             softcap, return_lse, num_splits, "auto")
+                             softcap, return_lse, num_splits, "auto", True)
     key = None if key is None else ("seq_first", *key)
     call = _prepared.get(key) if key is not None else None
     if call is None or call.backend != "triton":
@@ -393,21 +420,27 @@ def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new,
             return None if t is None else t.transpose(1, 2)
 
         if call is None and key is not None:
-            _remember(key, _check_kvcache_call(heads_first(q), heads_first(k_cache), heads_first(v_cache),
-                                               cache_seqlens, heads_first(k_new), heads_first(v_new), block_table,
-                                               causal, scale, window, softcap, return_lse, num_splits, "auto"))
+            call = _check_kvcache_call(heads_first(q), heads_first(k_cache), heads_first(v_cache), cache_seqlens,
+                                       heads_first(k_new), heads_first(v_new), block_table, causal, scale, window,
+                                       softcap, return_lse, num_splits, "auto")
+            _remember(key, call._replace(plan=_kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                            block_table, num_splits, seq_first=True)))
         result = attention_with_kvcache(
             heads_first(q), heads_first(k_cache), heads_first(v_cache), cache_seqlens, k_new=heads_first(k_new),
             v_new=heads_first(v_new), block_table=block_table, causal=causal, scale=scale, window=window,
             softcap=softcap, return_lse=return_lse, num_splits=num_splits, check_bounds=False)
         return (heads_first(result[0]), result[1]) if return_lse else heads_first(result)
-    from . import ops
-
     if torch.is_grad_enabled() and q.requires_grad:
         _warn_no_backward()
-    out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens, block_table=block_table,
-                              return_lse=call.return_lse, num_splits=num_splits, scale=call.scale,
-                              softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new, seq_first=True)
+    if call.plan is not None:
+        out, lse = call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new)
+    else:
+        from . import ops
+
+        out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
+                                  block_table=block_table, return_lse=call.return_lse, num_splits=num_splits,
+                                  scale=call.scale, softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new,
+                                  seq_first=True)
     return (out, lse) if return_lse else out
 
 
@@ -417,7 +450,8 @@ class CacheBoundsError(ValueError, RuntimeError):
 
 
 class _KVCacheCall(NamedTuple):
-    """A validated ``attention_with_kvcache`` call, normalized, with its backend."""
+    """A validated ``attention_with_kvcache`` call, normalized, with its backend; ``plan``, for a plain call on the
+    Triton kernel whose signature is cached, its prepared launch (see :func:`_kvcache_plan`)."""
 
     scale: float
     window: tuple[int, int]
@@ -425,32 +459,52 @@ class _KVCacheCall(NamedTuple):
     return_lse: bool
     new_tokens: int
     backend: str
+    plan: object = None
 
 
 def _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window, softcap,
-                       return_lse, num_splits, backend):
+                       return_lse, num_splits, backend, with_plan):
     tensors = (q, k_cache, v_cache, cache_seqlens)
     optional = (k_new, v_new, block_table)
     if not (all(type(t) is torch.Tensor for t in tensors) and all(t is None or type(t) is torch.Tensor for t in optional)
             and type(num_splits) is int and _plain_options(causal, scale, window, softcap)) \
             or torch.compiler.is_compiling():
         return None
-    return (backend, causal, scale, window, softcap, bool(return_lse), num_splits,
-            *[(t.shape, t.dtype, t.device) for t in tensors],
-            *[None if t is None else (t.shape, t.dtype, t.device) for t in optional])
+    return (backend, causal, scale, window, softcap, bool(return_lse), num_splits, with_plan,
+            *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors],
+            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in optional])
 
 
 def _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window, softcap,
-                     return_lse, num_splits, backend) -> _KVCacheCall:
+                     return_lse, num_splits, backend, with_plan=False) -> _KVCacheCall:
+    """The :class:`_KVCacheCall` of this call, from the cache when its signature was met before; ``with_plan``:
+    also prepare its launch (for plain calls: no ALiBi or sinks, which the signature does not hold)."""
     key = _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
-                             softcap, return_lse, num_splits, backend)
+                             softcap, return_lse, num_splits, backend, with_plan)
     call = _prepared.get(key) if key is not None else None
     if call is None:
         call = _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
                                    window, softcap, return_lse, num_splits, backend)
         if key is not None:
+            if with_plan:
+                call = call._replace(plan=_kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                        block_table, num_splits))
             _remember(key, call)
     return call
+
+
+def _kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, num_splits, seq_first=False):
+    """The prepared decode launch of a validated plain kvcache call on the Triton kernel (``plan.run(q, k_cache,
+    v_cache, None, cache_seqlens, block_table, k_new, v_new)``), or None: another backend, or lengths or a block
+    table that the kernel needs copied to unit stride first (``decode_attention`` does that per call)."""
+    if call.backend != "triton" or cache_seqlens.stride(0) != 1 or (
+            block_table is not None and block_table.stride(1) != 1):
+        return None
+    from . import ops
+
+    return ops.decode_plan(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens, block_table=block_table,
+                           window=call.window, scale=call.scale, softcap=call.softcap, return_lse=call.return_lse,
+                           num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=seq_first)
 
 
 def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .cache import write_kv
-from .kernels.decode import decode_attention
-from .kernels.prefill import prefill_attention, prefill_attention_varlen
+from .kernels.decode import decode_attention, decode_plan
+from .kernels.prefill import prefill_attention, prefill_attention_varlen, prefill_plan
 
 
 def _lse_or_empty(lse, like):
@@ -81,6 +81,16 @@ def run_prefill(q, k, v, *, mask, scale, window, softcap, return_lse, alibi_slop
                        return_lse)
     return prefill_attention(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask,
                              alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse)
+
+
+def attention_plan(q, k, v, *, decode_shaped, mask, scale, window, softcap, return_lse):
+    """The prepared launch of an eager ``tileattn.attention`` call on the Triton kernels (no ALiBi, no sinks; mask
+    already expanded to ``[B, Hq, Sq, Sk]``), for every later call of its signature: ``plan.run(q, k, v, mask)``
+    gives ``(out, lse or None)``, as :func:`run_decode` (decode-shaped calls) or :func:`run_prefill` would."""
+    if decode_shaped:
+        return decode_plan(q, k, v, None, new_tokens=k.shape[2], window=window, scale=scale, softcap=softcap,
+                           mask=mask, return_lse=return_lse)
+    return prefill_plan(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse)
 
 
 def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, softcap,

@@ -4,13 +4,21 @@ SDPA's cuDNN, FlashAttention-2 and memory-efficient kernels (and its fused CPU k
 never store the score matrix, so ``backend="auto"`` may pick them where they are measured to be faster
 (see ``dispatch`` and ``tileattn tune``). They are used only for calls whose meaning they share exactly:
 no mask (SDPA returns NaN for rows with no visible key; we return 0), no window, no softcap, no lse,
-causal only when ``Sq == Sk`` (SDPA's ``is_causal`` is top-left aligned, ours bottom-right), equal q and
-k/v head counts, head_dim a multiple of 8 and a unit-stride last dim (what the fused kernels read without
-a copy), v's head dim equal to q/k's and at most 256 (torch 2.13's fused CPU kernel refuses unequal head dims,
+causal only when ``Sq == Sk`` (SDPA's ``is_causal`` is top-left aligned, ours bottom-right), head_dim a
+multiple of 8 and a unit-stride last dim (what the fused kernels read without a copy), v's head dim equal to q/k's and at most 256 (torch 2.13's fused CPU kernel refuses unequal head dims,
 its CUDA flash kernel stops at 256, and which of its CUDA kernels take the others varies with the version:
-those calls run on the tiled path, which is checked against the oracle for them). The kernels are called
-through their ATen ops directly: ``F.scaled_dot_product_attention`` inside ``sdpa_kernel(...)`` costs about
-10 us of host time per call on the context manager alone.
+those calls run on the tiled path, which is checked against the oracle for them). GQA/MQA (fewer K/V heads than
+query heads) goes only to the kernels that read each K/V head for its group of query heads without repeating it in
+memory: cuDNN and FlashAttention-2 on CUDA (read on torch 2.11, H200: both give the right result from un-repeated
+K/V, and ``F.scaled_dot_product_attention(..., enable_gqa=True)`` itself runs cuDNN's kernel) and the fused CPU
+kernel; the memory-efficient kernel's ATen op refuses unequal head counts.
+
+A call reaches its kernel through ``F.scaled_dot_product_attention`` itself where PyTorch picks that very kernel
+for its inputs (:class:`SdpaPlan`: its C++ dispatch costs less host time than an ATen op called from Python, 15
+against 18 us per call on the H200 host), else through the kernel's ATen op (``F.scaled_dot_product_attention``
+inside ``sdpa_kernel(...)`` costs about 10 us more per call on the context manager alone). Should a program change
+SDPA's backend flags later, ``F.scaled_dot_product_attention`` may run another of its kernels: the same attention,
+since the calls sent here are those whose meaning all of SDPA's kernels share.
 
 NaN/Inf: PyTorch's fused CPU kernel does not follow IEEE arithmetic on them (measured with torch 2.13: a NaN
 query row gives a finite row when Sq < 16, a NaN in key 0 can vanish, an Inf in a key gives no NaN in
@@ -23,7 +31,10 @@ a host sync per call); ``tests/test_nan.py`` checks SDPA's CUDA kernels on the G
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 from .reference import tiled_attention, values_known_finite
 
@@ -49,8 +60,6 @@ def unsupported_reason(q, k, v, *, causal, has_mask, windowed, softcap, return_l
         return "return_lse (SDPA's public function does not return the logsumexp)"
     if causal and q.shape[2] != k.shape[2]:
         return "causal with Sq != Sk (SDPA's is_causal is top-left aligned, tileattn's bottom-right)"
-    if q.shape[1] != k.shape[1]:
-        return "GQA (some SDPA kernels would repeat K/V in memory)"
     if q.shape[-1] % 8:
         return f"head_dim {q.shape[-1]} (the fused SDPA kernels need a multiple of 8)"
     if any(t.stride(-1) != 1 for t in (q, k, v)):
@@ -60,11 +69,14 @@ def unsupported_reason(q, k, v, *, causal, has_mask, windowed, softcap, return_l
 
 def kernel_unsupported_reason(kernel: str, q, k, v, causal: bool) -> str | None:
     """Why SDPA's ``kernel`` cannot run this (plain) call on this device, or None when it can."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and kernel == "sdpa_efficient":
+        return "GQA (the memory-efficient kernel needs as many K/V heads as query heads: K/V would be repeated)"
     if q.device.type == "cpu":
         if kernel != "sdpa_flash":
             return f"{kernel} is a CUDA kernel"
         # PyTorch's own choice for these inputs: 1 = its fused CPU kernel, 0 = the materializing math path.
-        if torch._fused_sdp_choice(q, k, v, None, 0.0, causal) != 1:
+        if torch._fused_sdp_choice(q, k, v, None, 0.0, causal, enable_gqa=gqa) != 1:
             return "PyTorch's fused CPU kernel does not take these inputs"
         return None
     if q.device.type != "cuda":
@@ -72,11 +84,42 @@ def kernel_unsupported_reason(kernel: str, q, k, v, causal: bool) -> str | None:
     from torch.backends import cuda as sdp
 
     try:
-        params = sdp.SDPAParams(q, k, v, None, 0.0, causal, False)
+        params = sdp.SDPAParams(q, k, v, None, 0.0, causal, gqa)
         usable = getattr(sdp, _CAN_USE[kernel])(params, False)
     except Exception as exc:  # an older/newer torch whose checker signature differs: do not use it
         return f"torch cannot tell whether {kernel} applies ({type(exc).__name__}: {exc})"
     return None if usable else f"torch reports {kernel} cannot run these inputs (dtype, head_dim or GPU)"
+
+
+class SdpaPlan(NamedTuple):
+    """SDPA's ``kernel`` for one (plain, CUDA) call signature, :func:`sdpa_plan`'s: ``run(q, k, v, mask=None)``
+    gives ``(out, None)``; ``public`` when ``F.scaled_dot_product_attention`` itself picks that kernel."""
+
+    kernel: str
+    causal: bool
+    scale: float
+    gqa: bool
+    public: bool
+
+    def run(self, q, k, v, mask=None):
+        if self.public:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale,
+                                                  enable_gqa=self.gqa), None
+        return sdpa_attention(q, k, v, kernel=self.kernel, causal=self.causal, scale=self.scale), None
+
+
+_BACKEND_OF = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
+               "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+def sdpa_plan(kernel: str, q, k, v, *, causal: bool, scale: float) -> SdpaPlan:
+    """How to run SDPA's ``kernel`` on a plain CUDA call (one :func:`unsupported_reason` and
+    :func:`kernel_unsupported_reason` accepted) and on every later call of its signature."""
+    from torch.nn.attention import SDPBackend
+
+    gqa = q.shape[1] != k.shape[1]
+    picked = torch._fused_sdp_choice(q, k, v, None, 0.0, causal, scale=scale, enable_gqa=gqa)
+    return SdpaPlan(kernel, causal, scale, gqa, picked == getattr(SDPBackend, _BACKEND_OF[kernel]).value)
 
 
 def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ With ``num_splits == 1`` the kernel writes the final output directly. Either way
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,7 +25,7 @@ from .common import (
     LOG2E, MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, initial_state,
     key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
 )
-from .launch import Launcher
+from .launch import Launch, Launcher, PlanCache
 
 
 @triton.jit
@@ -368,43 +369,69 @@ def decode_attention(
         alibi_slopes = alibi_slopes.contiguous()
     if sinks is not None and sinks.stride(0) != 1:
         sinks = sinks.contiguous()
+    plan = decode_plan(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
+                       window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks,
+                       return_lse=return_lse, num_splits=num_splits, config=config, k_new=k_new, v_new=v_new,
+                       seq_first=seq_first)
+    return plan.run(q, k_cache, v_cache, mask, cache_seqlens, block_table, k_new, v_new, alibi_slopes, sinks,
+                    reuse_workspace)
+
+
+class DecodePlan(NamedTuple):
+    """A decode launch prepared for one call signature (:func:`decode_plan`): :meth:`run` launches it with a call's
+    tensors, which must have that signature (shapes, strides, dtypes, device, options)."""
+
+    launch: Launch
+    num_splits: int
+    workspace_floats: int
+    tiles: int
+    return_lse: bool
+    seq_first: bool
+
+    def run(self, q, k_cache, v_cache, mask=None, cache_seqlens=None, block_table=None, k_new=None, v_new=None,
+            alibi_slopes=None, sinks=None, reuse_workspace=True):
+        """``(out, lse or None)`` as :func:`decode_attention` returns them; the tensors at unit stride where it
+        needs them (see there)."""
+        out = torch.empty_like(q)  # the layout the plan saw: empty_like keeps a dense tensor's dimension order
+        if self.return_lse:
+            lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if self.seq_first else q.shape[:3]
+            lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+        else:
+            lse = out
+        workspace = splits_done = q  # placeholders, never read with one split
+        if self.num_splits > 1:
+            workspace, splits_done = _Workspace.get(q.device, self.workspace_floats, self.tiles, reuse_workspace)
+        _decode.launch(self.launch, (q, k_cache, v_cache, out, lse, workspace, splits_done,
+                                     q if block_table is None else block_table,
+                                     q if cache_seqlens is None else cache_seqlens, mask_tensor(mask, q),
+                                     q if k_new is None else k_new, q if v_new is None else v_new,
+                                     q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks))
+        return out, (lse if self.return_lse else None)
+
+
+def decode_plan(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale,
+                softcap=None, mask=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0, config=None,
+                k_new=None, v_new=None, seq_first=False) -> DecodePlan:
+    """The :class:`DecodePlan` of a :func:`decode_attention` call (its arguments, tensors already at the unit
+    strides it needs), cached by signature."""
     key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
            None if k_new is None else (k_new.stride(), v_new.stride()),
            None if alibi_slopes is None else alibi_slopes.stride(), sinks is not None,
            tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config), seq_first)
-    call = _calls.get(key)
-    if call is None:
+    plan = _plans.get(key)
+    if plan is None:
         heads_first = (lambda t: None if t is None else t.transpose(1, 2)) if seq_first else (lambda t: t)
-        call = _prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), block_table, mask,
-                        cache_seqlens is not None, heads_first(k_new), heads_first(v_new), new_tokens,
-                        tuple(window), scale, softcap, return_lse, num_splits, config, alibi_slopes, sinks is not None)
-        if len(_calls) >= MAX_CACHED_CALLS:
-            _calls.clear()
-        _calls[key] = call
-    launch, num_splits, workspace_floats, tiles = call
-
-    out = torch.empty_like(q)  # the layout _prepare saw: empty_like keeps a dense tensor's dimension order
-    if return_lse:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if seq_first else q.shape[:3]
-        lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    else:
-        lse = out
-    workspace = splits_done = q  # placeholders, never read with one split
-    if num_splits > 1:
-        workspace, splits_done = _Workspace.get(q.device, workspace_floats, tiles, reuse_workspace)
-    _decode.launch(launch, (q, k_cache, v_cache, out, lse, workspace, splits_done,
-                            q if block_table is None else block_table, q if cache_seqlens is None else cache_seqlens,
-                            mask_tensor(mask, q), q if k_new is None else k_new, q if v_new is None else v_new,
-                            q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks))
-    return out, (lse if return_lse else None)
+        plan = DecodePlan(*_prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), block_table, mask,
+                                    cache_seqlens is not None, heads_first(k_new), heads_first(v_new), new_tokens,
+                                    tuple(window), scale, softcap, return_lse, num_splits, config, alibi_slopes,
+                                    sinks is not None), return_lse, seq_first)
+        _plans.remember(key, plan)
+    return plan
 
 
-# Prepared launches by call signature (shapes, strides, dtypes, options): a repeated call (a decode loop over a
-# static or paged cache) recomputes nothing but its outputs.
-_calls: dict = {}
-MAX_CACHED_CALLS = 4096
+_plans = PlanCache()  # by call signature
 
 
 def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, new_tokens, window, scale, softcap,

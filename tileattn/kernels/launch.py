@@ -7,7 +7,8 @@ kernel through the normal path) and afterwards launches the compiled kernel itse
 
 The specialization key holds everything the compiled kernel assumed. Triton 3.6 and 3.9 specialize
 (``native_specialize_impl``; tests/test_launch.py checks this rule against the installed Triton):
-  - a tensor on its dtype and on whether its data pointer is 16-byte aligned;
+  - a tensor on its dtype and on whether its data pointer is 16-byte aligned (the direct launch then passes
+    the pointer as an int);
   - an int on whether it equals 1 (compiled in as a constant), whether it is divisible by 16, and on its
     width (ints outside int32 become i64 arguments: such launches take Triton's own path here);
   - a float not at all (an fp32 argument);
@@ -40,9 +41,10 @@ def int_classes(values) -> tuple | None:
     return tuple([3 if type(v) is bool else 2 if v == 1 else 0 if v % 16 else 1 for v in values])
 
 
-def tensor_classes(tensors) -> tuple:
-    """Triton's specialization of each tensor: its dtype and whether its data pointer is 16-byte aligned."""
-    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+def tensor_classes(tensors, pointers) -> tuple:
+    """Triton's specialization of each tensor, given its data pointer: its dtype and whether the pointer is 16-byte
+    aligned."""
+    return tuple([(t.dtype, p % 16 == 0) for t, p in zip(tensors, pointers)])
 
 
 def _current_device() -> int:
@@ -57,6 +59,22 @@ def _hooked(hook) -> bool:
     """Whether a launch hook does anything (Triton >= 3.6 keeps an empty ``HookChain`` there; users may assign a
     function or None)."""
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class PlanCache(dict):
+    """Prepared launches by call signature (shapes, strides, dtypes, options), so that a repeated call (the same
+    layer shape in every step of a model) recomputes nothing but its outputs. Emptied when full: a program meets
+    few signatures, and one that meets endless new ones must not grow it without bound."""
+
+    def __init__(self, limit: int = 4096):
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, key, plan):
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = plan
+        return plan
 
 
 class Launch:
@@ -109,17 +127,22 @@ class Launcher:
     def launch(self, launch: Launch, tensors) -> None:
         if self.fast and launch.static_key is not None:
             device = _current_device()
-            key = (device, launch.static_key, tensor_classes(tensors))
+            # The compiled launcher takes a pointer as an int as readily as a tensor, and skips for an int what it
+            # does for each tensor (a data_ptr() call and a driver query of the pointer): our callers have
+            # validated every tensor to be on this CUDA device.
+            pointers = [t.data_ptr() for t in tensors]
+            key = (device, launch.static_key, tensor_classes(tensors, pointers))
             kernel = self._kernels.get(key)
             if kernel is not None:
-                grid, stream, args = launch.grid, _current_stream(device), (*tensors, *launch.tail)
+                grid, stream = launch.grid, _current_stream(device)
                 enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-                if _hooked(enter_hook) or _hooked(exit_hook):  # profilers (e.g. proton) see our launches too
+                if _hooked(enter_hook) or _hooked(exit_hook):  # profilers (e.g. proton) see our launches, tensors too
+                    args = (*tensors, *launch.tail)
                     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
                                kernel.launch_metadata(grid, stream, *args), enter_hook, exit_hook, *args)
                 else:
                     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-                               None, None, None, *args)
+                               None, None, None, *pointers, *launch.tail)
                 return
             self._kernels[key] = self._launch_through_triton(launch, tensors)
             return

@@ -12,6 +12,7 @@ skipped without being loaded.
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -22,7 +23,7 @@ from .common import (
     mask_arguments, mask_tensor,
     needs_int64_index, next_power_of_2,
 )
-from .launch import Launcher
+from .launch import Launch, Launcher, PlanCache
 
 
 @triton.jit
@@ -175,10 +176,41 @@ def _tensors(q, k, v, out, lse, mask, cu_seqlens, alibi_slopes, sinks):
             q if alibi_slopes is None else alibi_slopes.contiguous(), q if sinks is None else sinks.contiguous())
 
 
-# Prepared launches of dense calls by signature (shapes, strides, dtypes, options): a repeated call (the same
-# layer shape in every step of a model) recomputes nothing but its outputs.
-_calls: dict = {}
-MAX_CACHED_CALLS = 4096
+class PrefillPlan(NamedTuple):
+    """A prefill launch prepared for one call signature (:func:`prefill_plan`): :meth:`run` launches it with a
+    call's tensors, which must have that signature (shapes, strides, dtypes, device, options)."""
+
+    launch: Launch
+    return_lse: bool
+
+    def run(self, q, k, v, mask=None, alibi_slopes=None, sinks=None, out=None):
+        """``(out, lse or None)`` as :func:`prefill_attention` returns them."""
+        out = torch.empty_like(q) if out is None else out
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if self.return_lse else out
+        _prefill.launch(self.launch, _tensors(q, k, v, out, lse, mask, None, alibi_slopes, sinks))
+        return out, (lse if self.return_lse else None)
+
+
+def prefill_plan(q, k, v, *, window, scale, softcap=None, mask=None, alibi_slopes=None, sinks=None,
+                 return_lse=False, out=None, config=None) -> PrefillPlan:
+    """The :class:`PrefillPlan` of a :func:`prefill_attention` call (its arguments), cached by signature."""
+    key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), v.stride(),
+           None if out is None else out.stride(), None if mask is None else (mask.shape, mask.stride(), mask.dtype),
+           None if alibi_slopes is None else alibi_slopes.shape, sinks is not None,
+           tuple(window), scale, softcap, return_lse, None if config is None else tuple(config))
+    plan = _plans.get(key)
+    if plan is None:
+        out = torch.empty_like(q) if out is None else out  # the strides every call's output will have
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
+        strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), out=out.stride(), lse=lse.stride()[:3])
+        plan = PrefillPlan(_prepare(q, k, v, out, lse, strides, q.shape[0], q.shape[2], k.shape[2], False,
+                                    window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes,
+                                    sinks=sinks, return_lse=return_lse, config=config), return_lse)
+        _plans.remember(key, plan)
+    return plan
+
+
+_plans = PlanCache()  # dense calls' plans by call signature
 
 
 def prefill_attention(
@@ -200,23 +232,9 @@ def prefill_attention(
     Returns:
         ``(out, lse)``; lse is fp32 ``[B, Hq, Sq]`` (natural log), or None unless ``return_lse``.
     """
-    out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32) if return_lse else out
-    key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), v.stride(), out.stride(),
-           None if mask is None else (mask.shape, mask.stride(), mask.dtype),
-           None if alibi_slopes is None else alibi_slopes.shape, sinks is not None,
-           tuple(window), scale, softcap, return_lse, None if config is None else tuple(config))
-    launch = _calls.get(key)
-    if launch is None:
-        strides = dict(q=q.stride(), k=k.stride(), v=v.stride(), out=out.stride(), lse=lse.stride()[:3])
-        launch = _prepare(q, k, v, out, lse, strides, q.shape[0], q.shape[2], k.shape[2], False, window=window,
-                          scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks,
-                          return_lse=return_lse, config=config)
-        if len(_calls) >= MAX_CACHED_CALLS:
-            _calls.clear()
-        _calls[key] = launch
-    _prefill.launch(launch, _tensors(q, k, v, out, lse, mask, None, alibi_slopes, sinks))
-    return out, (lse if return_lse else None)
+    plan = prefill_plan(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes,
+                        sinks=sinks, return_lse=return_lse, out=out, config=config)
+    return plan.run(q, k, v, mask, alibi_slopes, sinks, out)
 
 
 def prefill_attention_varlen(
