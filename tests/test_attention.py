@@ -232,16 +232,20 @@ def test_mismatched_devices():
         tileattn.attention(q, k, v, mask=torch.ones(4, 4, dtype=torch.bool))
 
 
-def test_triton_says_it_has_no_backward():
-    """Until the backward exists, a Triton call on inputs that require grad warns (its output has no grad_fn)."""
+def test_triton_calls_that_require_grad_get_a_backward():
+    """A Triton call on inputs that require grad runs through the FlashAttention backward (tests/test_backward.py
+    checks its values); varlen has no backward yet and says so."""
     q, k, v = random_qkv(1, 2, 2, 8, 8, 16, dtype=torch.float32, device=DEVICE)
     q.requires_grad_(True)
-    with pytest.warns(UserWarning, match="no backward yet"):
-        out = tileattn.attention(q, k, v, backend="triton")
-    assert out.grad_fn is None
-    with torch.no_grad(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tileattn.attention(q, k, v, backend="triton")
+        out = tileattn.attention(q, k, v, backend="triton")
+    assert out.grad_fn is not None
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.warns(UserWarning, match="no backward yet"):
+        out = tileattn.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 5, 5,
+                                        backend="triton")
+    assert out.grad_fn is None
 
 
 @pytest.mark.parametrize("bad", [dict(causal=1), dict(window=(1.0, 2)), dict(window=(True, 2)), dict(scale=True),

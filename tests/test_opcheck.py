@@ -1,7 +1,7 @@
 """PyTorch's own checks of our custom ops (``torch.library.opcheck``: schema, fake tensors, AOT dispatch with dynamic
-shapes; its autograd-registration check passes trivially until the kernels have a backward, as no input requires
-grad), and ``torch.compile(fullgraph=True, dynamic=True)`` compiling once over a range of sequence lengths instead
-of once per length."""
+shapes, and the autograd registration of the prefill op, whose backward is the FlashAttention backward), and
+``torch.compile(fullgraph=True, dynamic=True)`` compiling once over a range of sequence lengths instead of once per
+length."""
 
 import pytest
 import torch
@@ -171,3 +171,17 @@ def test_decode_with_append_replays_in_a_cuda_graph_for_changing_lengths():
         graph.replay()
         torch.testing.assert_close(out, expected)
         assert torch.equal(k_cache, eager_k) and torch.equal(v_cache, eager_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["causal_lse", "bool_mask", "window_softcap"])
+def test_prefill_op_with_gradients(case, dtype):
+    """The prefill op's autograd (the FlashAttention backward) and the backward op itself pass opcheck."""
+    mask_kind, window, softcap, _, _ = PREFILL_CASES[case]
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 4, 2, 40, 48, 32, dtype=dtype, device=DEVICE))
+    mask = make_mask(mask_kind, 2, 4, 40, 48, dtype)
+    torch.library.opcheck(ops.prefill.default, (q, k, v, mask, 0.17, *window, softcap, True, None, None))
+    out, lse = ops.prefill(q, k, v, mask, 0.17, *window, softcap, True, None, None)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(ops.prefill_backward.default, (grad_out, grad_lse, *(t.detach() for t in (q, k, v, out)),
+                                                         lse.detach(), mask, 0.17, *window, softcap))

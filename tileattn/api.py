@@ -75,21 +75,22 @@ def attention(
         return (out, lse) if return_lse else out
     if mask is not None:
         mask = mask.expand(call.mask_shape)  # a view: broadcast dims get stride 0, nothing is copied
-    if call.plan is not None:  # an eager call whose launch is prepared for its signature (see _Call)
-        if call.backend == "triton" and torch.is_grad_enabled() and (
-                q.requires_grad or k.requires_grad or v.requires_grad):
-            _warn_no_backward()
+    mask_grad = mask is not None and mask.requires_grad
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or mask_grad)
+    if call.plan is not None and not grad:  # an eager call whose launch is prepared for its signature (see _Call)
         out, lse = call.plan.run(q, k, v, mask)
         return (out, lse) if call.return_lse else out
 
     chosen, window, return_lse = call.backend, call.window, call.return_lse
+    if chosen == "triton" and grad and mask_grad:
+        chosen = "torch"  # the Triton backward gives no mask gradient; the tiled path differentiates through it
     options = dict(scale=call.scale, mask=mask, softcap=call.softcap)
     if chosen == "triton":
         from . import ops  # here: Triton need not be importable for the other backends
 
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            _warn_no_backward()
-        if call.decode_shaped:  # few query rows per K/V head: split the keys instead (flash-decoding)
+        if grad:  # through the custom op and its FlashAttention backward
+            out, lse = ops.run_prefill_differentiable(q, k, v, window=window, return_lse=return_lse, **options)
+        elif call.decode_shaped:  # few query rows per K/V head: split the keys instead (flash-decoding)
             out, lse = ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=window,
                                       return_lse=return_lse, num_splits=0, **options)
         else:
@@ -584,9 +585,10 @@ def _backend(q, v, backend):
 
 
 def _warn_no_backward() -> None:
-    warnings.warn("tileattn's Triton kernels have no backward yet: the result of this call does not require grad, "
-                  "so no gradient reaches q, k or v (run inference under torch.no_grad() to silence this; for "
-                  "training use backend='torch', which differentiates through PyTorch)", stacklevel=3)
+    warnings.warn("this tileattn Triton entry point has no backward yet (tileattn.attention without ALiBi or sinks has "
+                  "one): the result of this call does not require grad, so no gradient reaches q, k or v (run "
+                  "inference under torch.no_grad() to silence this; for training use backend='torch', which "
+                  "differentiates through PyTorch)", stacklevel=3)
 
 
 def _may_read_device_values() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cache import write_kv
+from .kernels.backward import attention_backward
 from .kernels.decode import decode_attention, decode_plan
 from .kernels.prefill import prefill_attention, prefill_attention_varlen, prefill_plan
 
@@ -33,6 +34,46 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 @prefill.register_fake
 def _(q, k, v, mask, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
     return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("tileattn::prefill_backward", mutates_args=())
+def prefill_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                     window_left: int, window_right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """``(dq, dk, dv)`` of ``tileattn::prefill`` (see ``kernels.backward``); softcap 0 means none."""
+    return attention_backward(grad_out, q, k, v, out, lse, grad_lse=grad_lse, window=(window_left, window_right),
+                              scale=scale, softcap=softcap or None, mask=mask)
+
+
+@prefill_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, mask, scale, window_left, window_right, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _prefill_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.options = (scale, window_left, window_right, softcap)
+    ctx.unsupported = None
+    if not return_lse:
+        ctx.unsupported = "the forward was called with return_lse=False (no lse to recompute the probabilities from)"
+    elif alibi_slopes is not None or sinks is not None:
+        ctx.unsupported = ("ALiBi slopes and sinks have no Triton backward yet (tileattn.attention runs such calls "
+                           "on the differentiable torch backend)")
+
+
+def _prefill_grad(ctx, grad_out, grad_lse):
+    if ctx.unsupported:
+        raise RuntimeError(f"tileattn::prefill backward: {ctx.unsupported}")
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = prefill_backward(grad_out, grad_lse, q, k, v, out, lse, mask, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+# The mask gets no gradient (tileattn.attention sends a call whose mask requires grad to the torch backend).
+torch.library.register_autograd("tileattn::prefill", _prefill_grad, setup_context=_prefill_setup_context)
 
 
 @torch.library.custom_op("tileattn::prefill_varlen", mutates_args=())
@@ -91,6 +132,13 @@ def attention_plan(q, k, v, *, decode_shaped, mask, scale, window, softcap, retu
         return decode_plan(q, k, v, None, new_tokens=k.shape[2], window=window, scale=scale, softcap=softcap,
                            mask=mask, return_lse=return_lse)
     return prefill_plan(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse)
+
+
+def run_prefill_differentiable(q, k, v, *, mask, scale, window, softcap, return_lse):
+    """:func:`run_prefill` through the ``tileattn::prefill`` op and its autograd (the FlashAttention backward), in
+    eager mode too: for calls whose inputs require grad."""
+    out, lse = prefill(q, k, v, mask, scale, *window, softcap or 0.0, True, None, None)
+    return out, (lse if return_lse else None)
 
 
 def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale, window, softcap,
