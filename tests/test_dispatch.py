@@ -74,6 +74,27 @@ def test_each_sdpa_kernel_matches_oracle(kernel, dtype, kv_heads):
     assert_matches_oracle(out, q, k, v, causal=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_each_sdpa_kernel_gives_the_oracles_gradients(kernel, kv_heads):
+    """Training calls auto sends to SDPA: each kernel's backward (cuDNN's and the memory-efficient one's need the
+    logsumexp saved by the forward) against the float64 oracle's autograd, bf16."""
+    if kv_heads == 2 and kernel == "sdpa_efficient":
+        pytest.skip("the memory-efficient kernel refuses GQA (see test_each_sdpa_kernel_matches_oracle)")
+    q, k, v = random_qkv(2, 4, kv_heads, 128, 128, 64, dtype=torch.bfloat16, device="cuda")
+    grad_out = torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
+    found = []
+    for inputs, options in (((q, k, v), dict(backend=kernel)), ((q.double(), k.double(), v.double()),
+                                                                 dict(backend="naive"))):
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        out = tileattn.attention(*inputs, causal=True, **options)
+        found.append(torch.autograd.grad((out * grad_out.to(out.dtype)).sum(), inputs))
+    for name, ours, exact in zip(("dq", "dk", "dv"), *found):
+        err = (ours.double() - exact).abs().max().item()
+        assert err <= 0.05 * max(1.0, exact.abs().max().item()), f"{kernel} {name}: max error {err:.3g}"
+
+
 def test_gqa_plain_call_runs_on_sdpa_where_calibrated_fastest():
     """K/V heads are not repeated: the SDPA kernels auto may pick for GQA take un-repeated K/V (see tileattn.sdpa)."""
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16

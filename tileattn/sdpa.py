@@ -5,8 +5,8 @@ never store the score matrix, so ``backend="auto"`` may pick them where they are
 (see ``dispatch`` and ``tileattn tune``). They are used only for calls whose meaning they share exactly:
 no mask (SDPA returns NaN for rows with no visible key; we return 0), no window, no softcap, no lse,
 causal only when ``Sq == Sk`` (SDPA's ``is_causal`` is top-left aligned, ours bottom-right), head_dim a
-multiple of 8 and a unit-stride last dim (what the fused kernels read without a copy), v's head dim equal to q/k's and at most 256 (torch 2.13's fused CPU kernel refuses unequal head dims,
-its CUDA flash kernel stops at 256, and which of its CUDA kernels take the others varies with the version:
+multiple of 8 and a unit-stride last dim (what the fused kernels read without a copy), v's head dim equal to
+q/k's and at most 256 (torch 2.13's fused CPU kernel refuses unequal head dims, its CUDA flash kernel stops at 256, and which of its CUDA kernels take the others varies with the version:
 those calls run on the tiled path, which is checked against the oracle for them). GQA/MQA (fewer K/V heads than
 query heads) goes only to the kernels that read each K/V head for its group of query heads without repeating it in
 memory: cuDNN and FlashAttention-2 on CUDA (read on torch 2.11, H200: both give the right result from un-repeated
@@ -130,8 +130,11 @@ def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch
         if not values_known_finite(q, k, v):
             return tiled_attention(q, k, v, causal=causal, scale=scale)
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[0]
+    # cuDNN's and the memory-efficient kernel's backward read the logsumexp, which they save only when asked (as
+    # F.scaled_dot_product_attention asks whenever an input requires grad); FA2 always saves it.
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if kernel == "sdpa_cudnn":
-        return aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, causal, False, scale=scale)[0]
+        return aten._scaled_dot_product_cudnn_attention(q, k, v, None, grad, 0.0, causal, False, scale=scale)[0]
     if kernel == "sdpa_flash":
         return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
-    return aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, causal, scale=scale)[0]
+    return aten._scaled_dot_product_efficient_attention(q, k, v, None, grad, 0.0, causal, scale=scale)[0]
