@@ -72,14 +72,33 @@ def decode(head_dim, causal, dtype, batch=1, kv_heads=8, group=4, split=True, al
     return build(module._decode_kernel, types, constexprs, num_warps, num_stages)
 
 
+def backward(head_dim, causal, dtype, tiles=None):
+    """The two backward kernels (dK/dV, dQ) with their H100 tiles, or ``tiles`` = (dK/dV tile, dQ tile)."""
+    from tileattn.kernels import backward as module
+
+    types = dict(Q=dtype, K=dtype, V=dtype, DOut=dtype, Lse="fp32", Delta="fp32", DQ=dtype, DK=dtype, DV=dtype,
+                 Mask="i8")
+    usage = {}
+    for name, fn, tile in zip(("dkdv", "dq"), (module._dkdv_kernel, module._dq_kernel),
+                              tiles or module._CONFIGS[head_dim]):
+        block_m, block_n, num_warps, num_stages = tile
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
+                          HAS_RIGHT=causal, MASK_KIND=0, HAS_SOFTCAP=False, INT64_INDEX=False, DOT_PRECISION="tf32")
+        usage[name] = dict(tile=tile, **build(fn, types, constexprs, num_warps, num_stages))
+    return usage
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["prefill", "decode"])
+    parser.add_argument("kernel", choices=["prefill", "decode", "backward"])
     parser.add_argument("--head-dim", type=int, default=128, choices=[16, 32, 64, 128, 256])
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
     parser.add_argument("--alibi", action="store_true")
     parser.add_argument("--sinks", action="store_true")
     args = parser.parse_args()
-    print((prefill if args.kernel == "prefill" else decode)(args.head_dim, args.causal, args.dtype, alibi=args.alibi,
-                                                            sinks=args.sinks))
+    if args.kernel == "backward":
+        print(backward(args.head_dim, args.causal, args.dtype))
+    else:
+        print((prefill if args.kernel == "prefill" else decode)(args.head_dim, args.causal, args.dtype,
+                                                                alibi=args.alibi, sinks=args.sinks))

@@ -21,6 +21,8 @@ SHAPES = [  # b, hq, hkv, sq, sk, d
     (2, 2, 2, 64, 64, 64),
     (1, 6, 3, 3, 70, 24),
 ]
+if DEVICE == "cuda":  # the GPU's tiles (64-128 rows and keys): interior blocks, several edge blocks, every head dim
+    SHAPES += [(2, 4, 2, 300, 517, 128), (1, 2, 2, 1024, 1024, 64), (1, 4, 1, 200, 130, 256), (1, 2, 1, 513, 77, 96)]
 OPTIONS = {
     "plain": dict(),
     "causal": dict(causal=True),

@@ -149,3 +149,22 @@ def test_error_bars_are_never_negative():
                     dict(t=value, ms=median, ms_q1=median, ms_q3=median * 1.1)):
             for is_rate in (True, False):
                 assert min(error_bar(row, "t", "ms", is_rate)) >= 0.0
+
+
+def test_kernel_tables_split_forward_and_backward_rows():
+    """Each pass gets its own table; the ratio to FA2 is taken within the pass (a backward row is never compared
+    with a forward one), and the backward tables have no naive column (its backward is not timed)."""
+    from tileattn.bench import kernels
+
+    def row(impl, which, ms):
+        return dict(impl=impl, head_dim=128, causal=True, seqlen=4096, batch=4, tflops=1000.0 / ms, flops=1e12,
+                    peak_extra_mib=1.0, max_abs_diff_tileattn_vs_sdpa_flash=0.01, **{"pass": which},
+                    **Timing((ms, ms)).fields("ms"))
+
+    rows = [row("tileattn", "forward", 2.0), row("sdpa_flash", "forward", 4.0), row("naive", "forward", 8.0),
+            row("tileattn", "backward", 5.0), row("sdpa_flash", "backward", 4.0)]
+    text = kernels.summarize(rows)
+    forward, backward = text.split("## backward, head_dim 128, causal")
+    assert "## forward, head_dim 128, causal" in forward and "naive MiB" in forward
+    assert "| 500 [500-500] | 250 [250-250] | 125 [125-125] | 2 |" in forward  # tileattn / FA2 = 2
+    assert "| 200 [200-200] | 250 [250-250] | 0.8 |" in backward and "naive" not in backward.split("Timings")[0]

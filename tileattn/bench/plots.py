@@ -105,12 +105,12 @@ def plot(json_path) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
         for ax, panel in zip(axes[0], panels):
             sel = [r for r in rows if tuple(r.get(k) for k in panel_keys) == panel and r.get(key) is not None]
-            for impl in dict.fromkeys(r["impl"] for r in sel):
-                points = sorted(((length(r), r) for r in sel if r["impl"] == impl), key=lambda point: point[0])
+            for series in dict.fromkeys(_series(r) for r in sel):
+                points = sorted(((length(r), r) for r in sel if _series(r) == series), key=lambda point: point[0])
                 xs, ys = [x for x, _ in points], [r[key] for _, r in points]
                 bars = ([error_bar(r, key, timing_key, is_rate) for _, r in points] if key == metric
                         else [(0.0, 0.0)] * len(points))
-                ax.errorbar(xs, ys, yerr=list(zip(*bars)), marker="o", capsize=3, label=impl)
+                ax.errorbar(xs, ys, yerr=list(zip(*bars)), marker="o", capsize=3, label=series)
                 bad = [(x, r[key]) for x, r in points if key == metric and flagged(r)]
                 if bad:
                     ax.plot(*zip(*bad), "x", color="red", markersize=10, zorder=5)
@@ -126,6 +126,12 @@ def plot(json_path) -> list[Path]:
         paths.append(_save(plt, fig, title, rows if key == metric else [],
                            json_path.with_name(f"{json_path.stem}-{what}.png")))
     return paths
+
+
+def _series(row) -> str:
+    """A plotted line's name: the implementation, and the pass when it is not the forward (``bench kernels``)."""
+    which = row.get("pass", "forward")
+    return row["impl"] if which == "forward" else f"{row['impl']} ({which})"
 
 
 def _e2e_bars(plt, rows, device, json_path) -> Path:

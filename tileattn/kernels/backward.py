@@ -28,14 +28,15 @@ from .common import (
 
 @triton.jit
 def _probabilities(
-    q, k, rows, cols, lse_log2, mask_ptrs, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    qk, query_pos, key_pos, lse_log2, mask_ptrs, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
+    softcap, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
-    """The forward's probabilities ``P [M, N]`` of query rows ``rows`` over keys ``cols`` (``q [M, D]``, ``k [N, D]``),
+    """The forward's probabilities of a tile of raw scores ``qk`` (``q @ k^T``, or ``k @ q^T`` in the dK/dV kernel),
     recomputed from each row's lse (log2 units), and the softcap's derivative factor ``1 - tanh^2`` (1 without
-    softcap). Entries a row does not see, and rows or keys past the lengths, are 0."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    softcap). ``query_pos``, ``key_pos``, ``lse_log2`` and ``mask_ptrs`` broadcast to the tile's orientation.
+    ``EDGE`` tiles hold queries or keys outside the window or the lengths: those entries are 0; the other tiles are
+    visible everywhere and skip that work."""
     if HAS_SOFTCAP:
         t = _tanh(qk * (sm_scale / softcap))
         s = t * (softcap * LOG2E)
@@ -44,15 +45,15 @@ def _probabilities(
         s = qk * (sm_scale * LOG2E)
         factor = 1.0
     if MASK_KIND != MASK_NONE:
-        in_bounds = (rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
-        user_mask = tl.load(mask_ptrs, mask=in_bounds, other=0)
+        user_mask = tl.load(mask_ptrs, mask=(query_pos < seqlen_q) & (key_pos < seqlen_k), other=0)
         if MASK_KIND == MASK_ADDITIVE:
             s = s + user_mask.to(tl.float32) * LOG2E
         else:
             s = tl.where(user_mask != 0, s, float("-inf"))
-    visible = visibility(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-    s = tl.where(visible & (rows < seqlen_q)[:, None], s, float("-inf"))
-    return tl.exp2(s - lse_log2[:, None]), factor
+    if EDGE:
+        visible = visibility(query_pos, key_pos, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(visible & (query_pos < seqlen_q), s, float("-inf"))
+    return tl.exp2(s - lse_log2), factor
 
 
 @triton.jit
@@ -88,6 +89,39 @@ def _delta_kernel(
 
 
 @triton.jit
+def _dkdv_query_blocks(
+    dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, start, end, offs_m, offs_d, cols,
+    stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold query blocks ``start, start + BLOCK_M, ... < end`` of one query head into this key block's ``dk``, ``dv``
+    (``[BLOCK_N, BLOCK_D]``, fp32). Tiles are kept transposed, ``[BLOCK_N, BLOCK_M]`` (keys by queries), so that
+    ``P^T`` and ``dS^T`` come out of their products in the orientation the next products take them, with no
+    transpose of a register tile."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        if INT64_INDEX:
+            rows = rows.to(tl.int64)
+        q = load_tile(q_base + rows[:, None] * stride_qm, rows[:, None], offs_d[None, :], seqlen_q, HEAD_DIM, BLOCK_D,
+                      EDGE)
+        do = load_tile(do_base + rows[:, None] * stride_gm, rows[:, None], offs_d[None, :], seqlen_q, HEAD_DIM,
+                       BLOCK_D, EDGE)
+        lse_log2, delta = _row_terms(Lse, Delta, lse_base + rows * stride_lm, rows < seqlen_q)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t, factor = _probabilities(
+            qk_t, rows[None, :], cols[:, None], lse_log2[None, :], mask_base + rows[None, :] * stride_mm, seqlen_q,
+            seqlen_k, diag, window_left, window_right, sm_scale, softcap, EDGE, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+            HAS_SOFTCAP)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :]) * factor
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -119,46 +153,70 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # The queries that may see keys start_n .. start_n + BLOCK_N - 1: i sees j iff
-    # j - diag - right <= i <= j - diag + left (each side only when bounded).
+    # The queries that see these keys: i sees j iff j - diag - right <= i <= j - diag + left, the forward's rule
+    # with queries and keys swapped (diag negated, the window's sides exchanged), so the forward's range helper
+    # splits them into edge / fully visible / edge query blocks. Keys past seqlen_k only touch their own dK/dV
+    # rows, which are not stored.
     diag = seqlen_k - seqlen_q
-    q_lo = 0
-    q_hi = seqlen_q
-    if HAS_RIGHT:
-        q_lo = tl.maximum(start_n - diag - window_right, 0)
-    if HAS_LEFT:
-        q_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - diag + window_left, 0), seqlen_q)
-    q_lo = (q_lo // BLOCK_M) * BLOCK_M
-
+    col_hi = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    q_lo, full_lo, full_hi, q_hi = key_block_ranges(start_n, col_hi, seqlen_q, -diag, window_right, window_left,
+                                                     BLOCK_M, HAS_RIGHT, HAS_LEFT)
     for h in range(0, group_size):  # GQA: every query head of this K/V head's group
         off_h = off_hkv * group_size + h
         q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
         do_base = DOut + off_b * stride_gb + off_h * stride_gh + offs_d[None, :] * stride_gd
-        mask_base = Mask + off_b * stride_mb + off_h * stride_mh + cols[None, :] * stride_mn
+        mask_base = Mask + off_b * stride_mb + off_h * stride_mh + cols[:, None] * stride_mn
         lse_base = off_b * stride_lb + off_h * stride_lh
-        for start_m in range(q_lo, q_hi, BLOCK_M):
-            rows = start_m + offs_m
-            if INT64_INDEX:
-                rows = rows.to(tl.int64)
-            q = load_tile(q_base + rows[:, None] * stride_qm, rows[:, None], offs_d[None, :], seqlen_q, HEAD_DIM,
-                          BLOCK_D, True)
-            do = load_tile(do_base + rows[:, None] * stride_gm, rows[:, None], offs_d[None, :], seqlen_q, HEAD_DIM,
-                           BLOCK_D, True)
-            lse_log2, delta = _row_terms(Lse, Delta, lse_base + rows * stride_lm, rows < seqlen_q)
-            p, factor = _probabilities(
-                q, k, rows, cols, lse_log2, mask_base + rows[:, None] * stride_mm, seqlen_q, seqlen_k, diag,
-                window_left, window_right, sm_scale, softcap, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP,
-                DOT_PRECISION)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None]) * factor
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, q_lo, full_lo, offs_m, offs_d, cols,
+            stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
+            softcap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX,
+            DOT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, full_lo, full_hi, offs_m, offs_d, cols,
+            stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
+            softcap, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX,
+            DOT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, full_hi, q_hi, offs_m, offs_d, cols,
+            stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
+            softcap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX,
+            DOT_PRECISION)
 
     col_ok = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_key_blocks(
+    dq, q, do, lse_log2, delta, k_base, v_base, mask_base, start, end, rows, offs_n, offs_d,
+    stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold key blocks ``start, start + BLOCK_N, ... < end`` into this query block's ``dq`` (``[BLOCK_M, BLOCK_D]``,
+    fp32). Query rows past seqlen_q only touch their own dQ rows, which are not stored."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if INT64_INDEX:
+            cols = cols.to(tl.int64)
+        k = load_tile(k_base + cols[:, None] * stride_kn, cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D,
+                      EDGE)
+        v = load_tile(v_base + cols[:, None] * stride_vn, cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D,
+                      EDGE)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p, factor = _probabilities(
+            qk, rows[:, None], cols[None, :], lse_log2[:, None], mask_base + cols[None, :] * stride_mn, seqlen_q,
+            seqlen_k, diag, window_left, window_right, sm_scale, softcap, EDGE, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+            HAS_SOFTCAP)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None]) * factor
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -199,40 +257,46 @@ def _dq_kernel(
 
     diag = seqlen_k - seqlen_q
     row_hi = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    lo, _, _, hi = key_block_ranges(start_m, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N,
-                                    HAS_LEFT, HAS_RIGHT)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        if INT64_INDEX:
-            cols = cols.to(tl.int64)
-        k = load_tile(k_base + cols[:, None] * stride_kn, cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D,
-                      True)
-        v = load_tile(v_base + cols[:, None] * stride_vn, cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D,
-                      True)
-        p, factor = _probabilities(
-            q, k, rows, cols, lse_log2, mask_base + cols[None, :] * stride_mn, seqlen_q, seqlen_k, diag, window_left,
-            window_right, sm_scale, softcap, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None]) * factor
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    lo, full_lo, full_hi, hi = key_block_ranges(start_m, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N,
+                                                HAS_LEFT, HAS_RIGHT)
+    dq = _dq_key_blocks(
+        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, lo, full_lo, rows, offs_n, offs_d, stride_kn,
+        stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, HEAD_DIM,
+        BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION)
+    dq = _dq_key_blocks(
+        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, full_lo, full_hi, rows, offs_n, offs_d, stride_kn,
+        stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, HEAD_DIM,
+        BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION)
+    dq = _dq_key_blocks(
+        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, full_hi, hi, rows, offs_n, offs_d, stride_kn,
+        stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, HEAD_DIM,
+        BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION)
 
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-# (block_m, block_n, num_warps, num_stages) by padded head dim, 2-byte inputs: a first choice, not yet swept
-# (benchmarks/NOTES.md, "Backward"); fp32 halves both blocks. The interpreter runs small blocks (fast tests).
-_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)}
-_INTERPRETER_CONFIG = (16, 16, 4, 1)
+# Tiles by padded head dim for 2-byte inputs, one per kernel, each (block_m, block_n, num_warps, num_stages): the dK/dV
+# kernel keeps [block_n, D] accumulators and streams query blocks, the dQ kernel the other way round. These are the
+# tiles the GPU test grid validated; benchmarks/NOTES.md ("Backward") has the sweep and the faster candidates still to
+# validate. fp32 halves the blocks. The interpreter runs small blocks (fast tests).
+_CONFIGS = {
+    16: ((64, 64, 4, 2), (64, 64, 4, 2)),
+    32: ((64, 64, 4, 2), (64, 64, 4, 2)),
+    64: ((64, 128, 8, 2), (128, 64, 8, 2)),
+    128: ((64, 128, 8, 2), (128, 64, 8, 2)),
+    256: ((32, 64, 4, 1), (64, 32, 4, 1)),
+}
+_INTERPRETER_CONFIG = ((16, 16, 4, 1), (16, 16, 4, 1))
 
 
 def _config(block_d, dtype, interpreted):
     if interpreted:
         return _INTERPRETER_CONFIG
-    block_m, block_n, num_warps, num_stages = _CONFIGS[block_d]
+    tiles = _CONFIGS[block_d]
     if dtype == torch.float32:
-        block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
-    return block_m, block_n, num_warps, num_stages
+        tiles = tuple((max(16, m // 2), max(16, n // 2), warps, stages) for m, n, warps, stages in tiles)
+    return tiles
 
 
 def attention_backward(grad_out, q, k, v, out, lse, *, grad_lse=None, window=(-1, -1), scale, softcap=None,
@@ -244,37 +308,41 @@ def attention_backward(grad_out, q, k, v, out, lse, *, grad_lse=None, window=(-1
             fp32, any strides, ``D == D_v <= 256``); lse: its fp32 natural-log logsumexp ``[B, Hq, Sq]``.
         grad_lse: optional fp32 ``[B, Hq, Sq]``, the lse's gradient.
         window, scale, softcap, mask: as the forward had them (``mask`` expanded to ``[B, Hq, Sq, Sk]``, no gradient).
-        config: ``(block_m, block_n, num_warps, num_stages)`` instead of the default.
+        config: ``((block_m, block_n, num_warps, num_stages) of the dK/dV kernel, (...) of the dQ kernel)`` instead
+            of the default.
     Returns:
         ``dq``, ``dk``, ``dv`` with q's, k's and v's shapes, dtypes and (for dense tensors) layouts.
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     block_d = max(16, next_power_of_2(d))
-    block_m, block_n, num_warps, num_stages = config or _config(block_d, q.dtype, q.device.type == "cpu")
+    dkdv_tile, dq_tile = config or _config(block_d, q.dtype, q.device.type == "cpu")
     # lse, its gradient and delta are read with one set of [B, Hq, Sq] strides: all three dense.
     lse = lse.contiguous()
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).expand(b, hq, sq).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _delta_kernel[(cdiv(sq, block_m), b * hq)](
+    delta_rows = dq_tile[0]
+    _delta_kernel[(cdiv(sq, delta_rows), b * hq)](
         out, grad_out, delta if grad_lse is None else grad_lse, delta, *out.stride(), *grad_out.stride(),
-        *delta.stride(), hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, HAS_DLSE=grad_lse is not None)
+        *delta.stride(), hq, sq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_rows, HAS_DLSE=grad_lse is not None)
 
     mask_kind = 0 if mask is None else (MASK_BOOL.value if mask.dtype == torch.bool else MASK_ADDITIVE.value)
     mask_arg, mask_strides = mask_tensor(mask, q), (0, 0, 0, 0) if mask is None else mask.stride()
     left, right = window
     large = needs_int64_index(q, k, v, grad_out, dq, dk, dv) or (mask is not None and needs_int64_index(mask_arg))
-    options = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=left >= 0,
-                   HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None, INT64_INDEX=large,
-                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-                   num_stages=num_stages)
+    options = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
+                   HAS_SOFTCAP=softcap is not None, INT64_INDEX=large,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *delta.stride())
     sizes = (hq // hkv, sq, sk, max(left, 0), max(right, 0), scale, softcap or 1.0)
+    block_m, block_n, num_warps, num_stages = dkdv_tile
     _dkdv_kernel[(cdiv(sk, block_n), b * hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask_arg, *strides, *dk.stride(), *dv.stride(), *mask_strides,
-        hkv, *sizes, **options)
+        hkv, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **options)
+    block_m, block_n, num_warps, num_stages = dq_tile
     _dq_kernel[(cdiv(sq, block_m), b * hq)](
-        q, k, v, grad_out, lse, delta, dq, mask_arg, *strides, *dq.stride(), *mask_strides, hq, *sizes, **options)
+        q, k, v, grad_out, lse, delta, dq, mask_arg, *strides, *dq.stride(), *mask_strides, hq, *sizes,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **options)
     return dq, dk, dv

@@ -116,12 +116,13 @@ def load_tile(ptrs, idx_s, idx_d, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
 
 @triton.jit
 def visibility(
-    rows, cols, seqlen_k, diag, window_left, window_right,
+    query_pos, key_pos, seqlen_k, diag, window_left, window_right,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
 ):
-    """Bool ``[len(rows), len(cols)]``: key exists and lies inside the query's window."""
-    visible = cols[None, :] < seqlen_k
-    rel = cols[None, :] - (rows[:, None] + diag)
+    """Bool tile, the broadcast of ``query_pos`` and ``key_pos`` (e.g. ``rows[:, None]`` and ``cols[None, :]``, or
+    transposed): the key exists and lies inside the query's window."""
+    visible = key_pos < seqlen_k
+    rel = key_pos - (query_pos + diag)
     if HAS_LEFT:
         visible = visible & (rel >= -window_left)
     if HAS_RIGHT:
@@ -250,8 +251,9 @@ def _attend_key_blocks(
             else:
                 s = tl.where(user_mask != 0, s, float("-inf"))
         if EDGE:
-            s = tl.where(visibility(q_pos, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                         s, float("-inf"))
+            visible = visibility(q_pos[:, None], cols[None, :], seqlen_k, diag, window_left, window_right, HAS_LEFT,
+                                 HAS_RIGHT)
+            s = tl.where(visible, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
