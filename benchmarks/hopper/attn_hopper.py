@@ -27,6 +27,8 @@ Layout of the work (one CTA = one (batch, head, 128-query block)):
 A warp-specialized variant (1-warp TMA producer partition) is in attn_hopper_ws.py.
 Run on an H100:  python3 benchmarks/hopper/attn_hopper.py   [--quick] [--only gluon,gluon_ws,ws_deep,v2,pp,pp3,v4,v4_pp3]
                  [--no-bench] [--skip-check] [--no-ws] [--no-pp] [--no-v4] [--sms N] [-v]
+(-v: each correctness case is printed, flushed, before it runs and again with its result and seconds, so that a
+run cut short by `timeout` names the case it was in; run with python3 -u.)
 (v2 / pp: versions 2 and 3, per-warpgroup partitions and ping-pong, in attn_hopper_pp.py; v4 / v4_pp3: version 4,
 persistent over min(N, #work tiles) CTAs, N = --sms or the GPU's SM count, in attn_hopper_v4.py; v4_pp3 = 3
 consumers + ping-pong, head_dim 64 only, its head_dim-128 columns print nan.)
@@ -322,8 +324,9 @@ def _reference(q, k, v, causal, scale):
     return (p @ vf), lse
 
 
-def _check(fn, name, opts):
-    torch.manual_seed(0)
+def check_cases(dims=(64, 128)):
+    """The correctness cases of _check: (dtype, D, causal, B, H, Hk, Sq, Sk), head dims limited to `dims`.
+    (Also read by spec_count.py, which counts the Triton specializations these cases compile.)"""
     cases = []
     for dtype in (torch.float16, torch.bfloat16):
         for D in (64, 128):
@@ -334,16 +337,32 @@ def _check(fn, name, opts):
                                            (1, 2, 2, 4096, 4096), (1, 2, 2, 300, 517), (1, 2, 2, 517, 300),
                                            (4, 32, 8, 1000, 1000), (2, 8, 2, 700, 1500), (2, 8, 8, 1500, 700)):
                     cases.append((dtype, D, causal, B, H, Hk, Sq, Sk))
-    dims = opts.get("dims", (64, 128))
+    return [c for c in cases if c[1] in dims]
+
+
+def _check(fn, name, opts):
+    """-v: each case is printed (flushed) BEFORE it runs, then its result with the seconds it took (the first
+    case of each (dtype, D, causal) includes the kernel's compile), so a run cut short by `timeout` names the
+    case it stopped in."""
+    import time
+    verbose = "-v" in sys.argv
+    torch.manual_seed(0)
+    cases = check_cases(opts.get("dims", (64, 128)))
     opts = {n: o for n, o in opts.items() if n != "dims"}
-    cases = [c for c in cases if c[1] in dims]
     bad = 0
-    for dtype, D, causal, B, H, Hk, Sq, Sk in cases:
+    t_all = time.perf_counter()
+    for i, (dtype, D, causal, B, H, Hk, Sq, Sk) in enumerate(cases):
+        desc = (f"{str(dtype)[6:]:8s} D={D:3d} causal={causal!s:5s} B={B} H={H}/{Hk} Sq={Sq} Sk={Sk}")
+        if verbose:
+            print(f"[{name}] case {i + 1}/{len(cases)} {desc} ...", flush=True)
+        t0 = time.perf_counter()
         q = torch.randn(B, H, Sq, D, device="cuda", dtype=dtype)
         k = torch.randn(B, Hk, Sk, D, device="cuda", dtype=dtype)
         v = torch.randn(B, Hk, Sk, D, device="cuda", dtype=dtype)
         scale = D ** -0.5
         out, lse = attention_hopper(q, k, v, causal=causal, return_lse=True, kernel=fn, **opts)
+        torch.cuda.synchronize()  # the kernel itself has finished (a hang stops here, after the line above)
+        t_kernel = time.perf_counter() - t0
         ref, ref_lse = _reference(q, k, v, causal, scale)
         err = (out.float() - ref).abs().max().item()
         fin = torch.isfinite(ref_lse)
@@ -354,10 +373,12 @@ def _check(fn, name, opts):
             sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
             ok = ok and (out.float() - sdpa.float()).abs().max().item() < (2e-2 if dtype == torch.bfloat16 else 4e-3)
         bad += not ok
-        if not ok or "-v" in sys.argv:
-            print(f"[{name}] {'ok ' if ok else 'BAD'} {str(dtype)[6:]:8s} D={D:3d} causal={causal!s:5s} "
-                  f"B={B} H={H}/{Hk} Sq={Sq} Sk={Sk}: max|err|={err:.2e} lse err={lerr:.2e} lse_inf_ok={lse_ok}")
-    print(f"[{name}] {len(cases) - bad}/{len(cases)} correctness cases pass")
+        if not ok or verbose:
+            print(f"[{name}] {'ok ' if ok else 'BAD'} {desc}: max|err|={err:.2e} lse err={lerr:.2e} "
+                  f"lse_inf_ok={lse_ok}  ({t_kernel:.1f} s kernel incl. any compile, "
+                  f"{time.perf_counter() - t0:.1f} s case)", flush=True)
+    print(f"[{name}] {len(cases) - bad}/{len(cases)} correctness cases pass ({time.perf_counter() - t_all:.0f} s)",
+          flush=True)
     return bad == 0
 
 

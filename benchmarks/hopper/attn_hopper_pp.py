@@ -229,7 +229,13 @@ def _pp_consumer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bars, k_ready
 # ----------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------
-@gluon.jit
+# As attn_hopper_v4.V4_DO_NOT_SPECIALIZE: no "== 1" / "% 16" specialization of the problem sizes (40 compiles for
+# the driver's 72 check cases of one variant before, 8 now); nothing here needs the hints (TMA for Q / K / V / O,
+# per-row Lse stores).
+PP_DO_NOT_SPECIALIZE = ["stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "num_heads", "group_size"]
+
+
+@gluon.jit(do_not_specialize=PP_DO_NOT_SPECIALIZE)
 def _attn_fwd_pp_kernel(q_desc, k_desc, v_desc, o_desc, Lse, stride_lb, stride_lh,
                         seqlen_q, seqlen_k, num_heads, group_size, qk_scale,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,

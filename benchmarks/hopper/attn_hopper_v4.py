@@ -286,9 +286,10 @@ def _v4_consumer(q_desc, k_desc, v_desc, o_desc, q_bufs, o_bufs, k_bufs, v_bufs,
         if RETURN_LSE:
             m_o = gl.convert_layout(m_i, orow_l)
             lse = gl.where(empty, float("-inf"), (m_o + gl.log2(l_safe)) * LN2)
-            lrows = row0 + gl.arange(0, WGM, layout=orow_l)
-            gl.store(Lse + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + lrows, lse,
-                     mask=lrows < seqlen_q)
+            # (row0 kept out of the row vector: without seqlen_q's % 16 hint this spares v4_pp3 a 12 B spill)
+            lrows = gl.arange(0, WGM, layout=orow_l)
+            gl.store(Lse + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + row0 + lrows, lse,
+                     mask=lrows < seqlen_q - row0)
         if O_SMEM:
             o_smem = o_bufs.index(W)
             tma.store_wait(0)   # the previous work tile's O store has read this buffer
@@ -315,7 +316,19 @@ def _v4_consumer(q_desc, k_desc, v_desc, o_desc, q_bufs, o_bufs, k_bufs, v_bufs,
 # ----------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------
-@gluon.jit
+# Integer arguments that vary with the problem are not specialized: otherwise Triton compiles one kernel per
+# combination of "== 1" (becomes a constant) and "% 16 == 0" (alignment hint) over them: 56 compiles (191 s at
+# sm_90 on a 2-core CPU machine) for the driver's 72 check cases, 8 (one per dtype x head_dim x causal, 26 s) now,
+# the timing shapes included (spec_count.py).
+# None of them feeds an address that needs the hint: Q / K / V / O move by TMA (the descriptors carry their own
+# shapes and strides); the Lse strides address per-row fp32 stores (one row per register in the wgmma layout, no
+# vector store to lose); the O strides (multiples of 16 for contiguous O; O_SMEM=False's vector stores) stay
+# specialized.
+V4_DO_NOT_SPECIALIZE = ["stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "num_heads", "group_size", "n_m",
+                        "bh_total", "n_work", "swizzle"]
+
+
+@gluon.jit(do_not_specialize=V4_DO_NOT_SPECIALIZE)
 def _attn_fwd_v4_kernel(q_desc, k_desc, v_desc, o_desc, O, stride_ob, stride_oh, stride_os, Lse, stride_lb, stride_lh,
                         seqlen_q, seqlen_k, num_heads, group_size, qk_scale, n_m, bh_total, n_work, swizzle,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,

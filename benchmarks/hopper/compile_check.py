@@ -52,6 +52,16 @@ def build(fn, args, constexprs, num_warps, maxnreg=None, dump=None, tag=""):
     if maxnreg is not None:
         opts["maxnreg"] = maxnreg
     k = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            open(os.path.join(dump, f"{fn.__name__}_{tag}.{ext}"), "w").write(k.asm[ext])
+    return measure(k)
+
+
+def measure(k):
+    """Registers / stack (cuobjdump), spills (ptxas -v on the PTX), smem, warps, wgmma / bar.sync counts and the
+    setmaxnreg limits of a compiled kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         open(cubin, "wb").write(k.asm["cubin"])
@@ -61,10 +71,6 @@ def build(fn, args, constexprs, num_warps, maxnreg=None, dump=None, tag=""):
         open(ptx, "w").write(k.asm["ptx"])
         verbose = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name=sm_90a", ptx, "-o",
                                   os.path.join(tmp, "k2.cubin")], capture_output=True, text=True).stderr
-    if dump:
-        os.makedirs(dump, exist_ok=True)
-        for ext in ("ttgir", "ptx"):
-            open(os.path.join(dump, f"{fn.__name__}_{tag}.{ext}"), "w").write(k.asm[ext])
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
     ptx_text = k.asm["ptx"]
