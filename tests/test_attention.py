@@ -234,7 +234,9 @@ def test_mismatched_devices():
 
 def test_triton_calls_that_require_grad_get_a_backward():
     """A Triton call on inputs that require grad runs through the FlashAttention backward (tests/test_backward.py
-    checks its values); varlen has no backward yet and says so."""
+    checks its values); the varlen and decode kernels, and ALiBi/sinks in the kernels, have none yet: asked for
+    explicitly, they still run forward (inference that forgot torch.no_grad() works) and a backward through their
+    result raises, naming the entry point, instead of leaving q, k, v without gradients."""
     q, k, v = random_qkv(1, 2, 2, 8, 8, 16, dtype=torch.float32, device=DEVICE)
     q.requires_grad_(True)
     with warnings.catch_warnings():
@@ -242,10 +244,50 @@ def test_triton_calls_that_require_grad_get_a_backward():
         out = tileattn.attention(q, k, v, backend="triton")
     assert out.grad_fn is not None
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
-    with pytest.warns(UserWarning, match="no backward yet"):
-        out = tileattn.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 5, 5,
-                                        backend="triton")
-    assert out.grad_fn is None
+    q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))
+    without_backward = {
+        "attention_varlen": lambda: tileattn.attention_varlen(q3, k3, v3, cu, cu, 5, 5, backend="triton"),
+        "attention_with_kvcache": lambda: tileattn.attention_with_kvcache(
+            q, k, v, torch.tensor([8], dtype=torch.int32, device=DEVICE), backend="triton"),
+        "alibi_slopes or sinks": lambda: tileattn.attention(q, k, v, sinks=torch.zeros(2, device=DEVICE),
+                                                            backend="triton"),
+    }
+    for name, call in without_backward.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = call()
+        with pytest.raises(RuntimeError, match=f"{name}.*no backward yet.*backend='auto'"):
+            out.sum().backward()
+        with torch.no_grad():
+            assert not call().requires_grad
+
+
+def test_auto_gives_varlen_and_kvcache_calls_that_require_grad_a_backward(monkeypatch):
+    """Where auto picks the varlen or decode kernel (CUDA; forced here), a call that requires grad runs on a path with
+    a backward instead: the gradients of q, k, v (and of the appended tokens) are the torch backend's."""
+    monkeypatch.setattr(tileattn.dispatch, "choose_backend",
+                        lambda q, v, requested: "triton" if requested == "auto" else requested)
+    tileattn.api._prepared.clear()
+    q, k, v = (t[0].transpose(0, 1) for t in random_qkv(1, 4, 2, 8, 8, 16, dtype=torch.float32, device=DEVICE))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = (torch.randn(2, 2, 12, 16, device=DEVICE) for _ in range(2))
+    q_new, k_new, v_new = (torch.randn(2, h, 2, 16, device=DEVICE) for h in (4, 2, 2))
+    lengths = torch.tensor([3, 10], dtype=torch.int32, device=DEVICE)
+    calls = {
+        "varlen": ((q, k, v), lambda q, k, v, backend: tileattn.attention_varlen(
+            q, k, v, cu, cu, 5, 5, causal=True, return_lse=True, backend=backend)),
+        "kvcache": ((q_new, k_new, v_new), lambda q, k, v, backend: tileattn.attention_with_kvcache(
+            q, k_cache.clone(), v_cache.clone(), lengths, k_new=k, v_new=v, return_lse=True, backend=backend)),
+    }
+    for name, (inputs, call) in calls.items():
+        gradients = {}
+        for backend in ("auto", "torch"):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            out, lse = call(*leaves, backend=backend)
+            gradients[backend] = torch.autograd.grad(out.square().sum() + lse.sum(), leaves)
+        for got, expected in zip(gradients["auto"], gradients["torch"]):
+            torch.testing.assert_close(got, expected, msg=lambda m: f"{name}: {m}")
+    tileattn.api._prepared.clear()
 
 
 @pytest.mark.parametrize("bad", [dict(causal=1), dict(window=(1.0, 2)), dict(window=(True, 2)), dict(scale=True),

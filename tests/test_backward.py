@@ -30,6 +30,9 @@ OPTIONS = {
     "causal_softcap": dict(causal=True, softcap=8.0),
     "additive_mask": dict(mask="additive"),
     "bool_mask": dict(mask="bool"),
+    "alibi": dict(causal=True, alibi_slopes="per_sequence"),
+    "sinks_window": dict(window=(6, 1), sinks=True),
+    "alibi_sinks_softcap": dict(alibi_slopes="per_head", sinks=True, softcap=5.0),
 }
 
 
@@ -42,11 +45,25 @@ def _mask(kind, b, hq, sq, sk, dtype):
 
 
 def _gradients(fn, q, k, v, grad_out, grad_lse, **options):
+    """Gradients of a random linear function of ``(out, lse)``: of q, k, v, and of the sinks when given."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    inputs = (q, k, v)
+    if options.get("sinks") is not None:
+        options["sinks"] = options["sinks"].detach().requires_grad_()
+        inputs += (options["sinks"],)
     out, lse = fn(q, k, v, return_lse=True, **options)
     seen = torch.isfinite(lse)  # rows that see no key have lse -inf: no gradient flows through theirs
     loss = (out * grad_out.to(out.dtype)).sum() + (torch.where(seen, lse, 0) * grad_lse.to(lse.dtype)).sum()
-    return torch.autograd.grad(loss, (q, k, v))
+    return torch.autograd.grad(loss, inputs)
+
+
+def _biases(options, b, hq, dtype):
+    """ALiBi slopes (fp32, ``[Hq]`` or ``[B, Hq]``) and sinks (q's dtype, ``[Hq]``) for the options that ask."""
+    kind = options.pop("alibi_slopes", None)
+    if kind is not None:
+        options["alibi_slopes"] = torch.rand(*((b, hq) if kind == "per_sequence" else (hq,)), device=DEVICE) * 0.5
+    if options.pop("sinks", None):
+        options["sinks"] = torch.randn(hq, device=DEVICE).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -57,6 +74,7 @@ def test_gradients_match_the_oracle(shape, option, dtype):
     options = dict(OPTIONS[option])
     if "mask" in options:
         options["mask"] = _mask(options["mask"], b, hq, sq, sk, dtype)
+    _biases(options, b, hq, dtype)
     q, k, v = random_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, device=DEVICE, layout="bshd" if sq % 2 else "contiguous")
     grad_out = torch.randn(b, hq, sq, d, device=DEVICE)
     grad_lse = torch.randn(b, hq, sq, device=DEVICE)
@@ -65,6 +83,8 @@ def test_gradients_match_the_oracle(shape, option, dtype):
     def oracle(q, k, v, **kw):
         mask = kw.pop("mask", None)
         mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+        if kw.get("sinks") is not None:
+            kw["sinks"] = kw["sinks"].double()
         return naive_attention(q, k, v, mask=mask, **kw)
 
     def low_precision(q, k, v, **kw):  # PyTorch's own attention in the inputs' precision
@@ -72,7 +92,8 @@ def test_gradients_match_the_oracle(shape, option, dtype):
 
     exact = _gradients(oracle, *(t.double() for t in (q, k, v)), grad_out.double(), grad_lse.double(), **options)
     same_precision = _gradients(low_precision, q, k, v, grad_out, grad_lse, **options)
-    for name, g, ref, base in zip(("dq", "dk", "dv"), ours, exact, same_precision):
+    assert len(ours) == len(exact) == (4 if "sinks" in options else 3)
+    for name, g, ref, base in zip(("dq", "dk", "dv", "dsinks"), ours, exact, same_precision):
         assert g.shape == ref.shape and g.dtype == dtype
         assert torch.isfinite(g).all(), f"{name} has NaN/Inf"
         err = (g.double() - ref).abs().max().item()

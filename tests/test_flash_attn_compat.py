@@ -7,7 +7,8 @@ import torch
 
 import tileattn.flash_attn_compat as fa
 from tileattn import api, dispatch
-from tileattn.testing import assert_matches_oracle
+from tileattn.reference import naive_attention
+from tileattn.testing import assert_gradients_match_oracle, assert_matches_oracle
 
 from conftest import DEVICE
 
@@ -358,3 +359,202 @@ def test_rotary_window_as_wide_as_the_cache_counts_as_unbounded():
                                                cache_seqlens=seqlens, window_size=window))
     torch.testing.assert_close(outs[1], outs[0])
     torch.testing.assert_close(outs[2], outs[0])
+
+
+# ---- gradients: flash-attn's rule (3x PyTorch's own error in the same precision) against the float64 oracle -----
+
+@pytest.fixture(params=["auto", "triton"])
+def grad_backend(request, monkeypatch):
+    """``auto``'s own choice, or the Triton kernels that ``auto`` picks on CUDA forced (on CPU through the
+    interpreter): then calls that require grad run the Triton FlashAttention backward, varlen sequence by
+    sequence."""
+    if request.param == "triton":
+        monkeypatch.setattr(dispatch, "decide", lambda *args, **kwargs: dispatch.Decision("triton", "the test's"))
+        monkeypatch.setattr(dispatch, "choose_backend", lambda q, v, requested: "triton")
+        api._prepared.clear()
+        yield "triton"
+        api._prepared.clear()
+    else:
+        yield "auto"
+
+
+def as_tileattn_options(causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, softmax_scale=None):
+    """flash-attn's arguments as the reference's (``naive_attention``'s): the semantics the compat module promises."""
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    return dict(causal=causal, window=window, softcap=softcap or None, alibi_slopes=alibi_slopes, scale=softmax_scale)
+
+
+def bshd_oracle(q, k, v, **flash_attn_options):
+    """``(out [B, Sq, Hq, D_v], lse [B, Hq, Sq])`` of the materialized reference on ``[B, S, H, D]`` tensors. Under
+    causal ALiBi flash-attn's lse is this one shifted by a constant per row, which has the same gradients."""
+    out, lse = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=True,
+                               **as_tileattn_options(**flash_attn_options))
+    return out.transpose(1, 2), lse
+
+
+def varlen_oracle(q, k, v, cu_q, cu_k, **flash_attn_options):
+    """The packed form of :func:`bshd_oracle`, one sequence at a time: ``(out [total_q, Hq, D_v], lse [Hq, total_q])``."""
+    outs, lses = [], []
+    for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        out, lse = bshd_oracle(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **flash_attn_options)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def cumulative(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+GRAD_OPTIONS = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(6, 2)),
+    "causal_softcap_scale": dict(causal=True, softcap=2.0, softmax_scale=0.3),
+    "alibi": dict(alibi_slopes="random"),
+    "causal_alibi": dict(causal=True, alibi_slopes="random"),
+}
+
+
+def grad_options(name, heads):
+    options = dict(GRAD_OPTIONS[name])
+    if "alibi_slopes" in options:  # fp32 [Hq], as flash-attn takes them; they get no gradient there either
+        options["alibi_slopes"] = torch.rand(heads, device=DEVICE)
+    return options
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("option", GRAD_OPTIONS)
+def test_flash_attn_func_gradients(option, dtype, grad_backend):
+    """dq, dk, dv (GQA, Sq != Sk) through out and the returned lse, against the oracle's autograd."""
+    options = grad_options(option, 4)
+    q, k, v = bshd(2, 11, 4, 32, dtype), bshd(2, 19, 2, 32, dtype), bshd(2, 19, 2, 32, dtype)
+
+    def ours(q, k, v):
+        out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True, **options)
+        return out, lse
+
+    assert_gradients_match_oracle(ours, (q, k, v), oracle=lambda *qkv: bshd_oracle(*qkv, **options),
+                                  names=("dq", "dk", "dv"), keys=19)
+
+
+def test_deterministic_is_accepted_and_reruns_give_the_same_gradients(grad_backend):
+    """flash-attn's ``deterministic=True`` asks for a backward without atomics, which ours always is."""
+    q, k, v = bshd(1, 21, 4, 16), bshd(1, 21, 2, 16), bshd(1, 21, 2, 16)
+    grad_out = torch.randn(1, 21, 4, 16, device=DEVICE)
+
+    def gradients():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = fa.flash_attn_func(*inputs, causal=True, deterministic=True)
+        return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+    first, again = gradients(), gradients()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_packed_gradients_reach_the_packed_tensors(dtype, grad_backend):
+    """qkvpacked and kvpacked (plain and varlen): the gradient of the packed tensor is the oracle's for each slice."""
+    qkv = torch.randn(2, 13, 3, 2, 32, device=DEVICE).to(dtype)
+    q, kv = bshd(2, 9, 4, 32, dtype), torch.randn(2, 13, 2, 2, 32, device=DEVICE).to(dtype)
+    cu, cu_q = cumulative([13, 13]), cumulative([9, 9])
+
+    def unpacked_oracle(qkv):
+        return bshd_oracle(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True)
+
+    cases = {
+        "qkvpacked": ((qkv,), lambda qkv: fa.flash_attn_qkvpacked_func(qkv, causal=True, return_attn_probs=True)[:2],
+                      unpacked_oracle),
+        "kvpacked": ((q, kv), lambda q, kv: fa.flash_attn_kvpacked_func(q, kv, window_size=(4, 1),
+                                                                        return_attn_probs=True)[:2],
+                     lambda q, kv: bshd_oracle(q, kv[:, :, 0], kv[:, :, 1], window_size=(4, 1))),
+        "varlen_qkvpacked": ((qkv.flatten(0, 1),),
+                             lambda qkv: fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 13, causal=True,
+                                                                             return_attn_probs=True)[:2],
+                             lambda qkv: varlen_oracle(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, causal=True)),
+        "varlen_kvpacked": ((q.flatten(0, 1), kv.flatten(0, 1)),
+                            lambda q, kv: fa.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu, 9, 13, causal=True,
+                                                                             return_attn_probs=True)[:2],
+                            lambda q, kv: varlen_oracle(q, kv[:, 0], kv[:, 1], cu_q, cu, causal=True)),
+    }
+    for name, (inputs, ours, oracle) in cases.items():
+        names = tuple(f"{name}: d{i}" for i in range(len(inputs)))
+        assert_gradients_match_oracle(ours, inputs, oracle=oracle, names=names, keys=13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("option", ["causal", "window", "causal_alibi"])
+def test_varlen_gradients(option, dtype, grad_backend):
+    """flash_attn_varlen_func: packed sequences of awkward lengths (one query, more keys than queries) give each
+    sequence's own gradients."""
+    options = grad_options(option, 4)
+    lengths_q, lengths_k = [5, 1, 12], [9, 7, 12]
+    cu_q, cu_k = cumulative(lengths_q), cumulative(lengths_k)
+    q = torch.randn(sum(lengths_q), 4, 32, device=DEVICE).to(dtype)
+    k, v = (torch.randn(sum(lengths_k), 2, 32, device=DEVICE).to(dtype) for _ in range(2))
+
+    def ours(q, k, v):
+        out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 12, return_attn_probs=True, **options)
+        return out, lse
+
+    assert_gradients_match_oracle(ours, (q, k, v), oracle=lambda q, k, v: varlen_oracle(q, k, v, cu_q, cu_k, **options),
+                                  names=("dq", "dk", "dv"), keys=12)
+
+
+def test_paged_varlen_gradients_reach_the_page_pools(kvcache_backend):
+    """flash_attn_varlen_func with block_table: q and the page pools get the gradients of the packed call over the
+    keys the pages hold (the rest of the pools get 0)."""
+    lengths_q, lengths_k, page, hkv, d = [3, 6], [7, 10], 4, 2, 16
+    cu_q, cu_k = cumulative(lengths_q), cumulative(lengths_k)
+    table = torch.tensor([[5, 1, 2], [0, 3, 4]], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lengths_q), 4, d, device=DEVICE)
+    k_pool, v_pool = (torch.randn(6, page, hkv, d, device=DEVICE) for _ in range(2))
+
+    def gathered(pool):  # the packed keys the pages hold, in order
+        return torch.cat([pool[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(lengths_k)])
+
+    def ours(q, k_pool, v_pool):
+        out, lse, _ = fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 6, 10, causal=True,
+                                                return_attn_probs=True, block_table=table)
+        return out, lse
+
+    def oracle(q, k_pool, v_pool):
+        return varlen_oracle(q, gathered(k_pool), gathered(v_pool), cu_q, cu_k, causal=True)
+
+    assert_gradients_match_oracle(ours, (q, k_pool, v_pool), oracle=oracle, names=("dq", "dk_pool", "dv_pool"),
+                                  keys=10)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_gradients_reach_the_queries_and_new_tokens(paged, kvcache_backend):
+    """flash_attn_with_kvcache has no backward in flash-attn; here q and the appended k/v get the oracle's gradients
+    of attention over the cache's tokens and the new ones (the cache itself holds no gradient)."""
+    b, hkv, d, cached, new = 2, 2, 16, [5, 9], 2
+    if paged:
+        k_cache, v_cache = bshd(6, 8, hkv, d, torch.float32), bshd(6, 8, hkv, d, torch.float32)
+        table = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
+    else:
+        k_cache, v_cache, table = bshd(b, 16, hkv, d, torch.float32), bshd(b, 16, hkv, d, torch.float32), None
+    q, k_new, v_new = bshd(b, new, 4, d, torch.float32), bshd(b, new, hkv, d, torch.float32), \
+        bshd(b, new, hkv, d, torch.float32)
+    seqlens = torch.tensor(cached, dtype=torch.int32, device=DEVICE)
+
+    def ours(q, k_new, v_new):  # on copies of the caches: each run appends the same tokens to the same state
+        return fa.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k_new, v_new, cache_seqlens=seqlens,
+                                          block_table=table, causal=True, return_softmax_lse=True)
+
+    def cached_tokens(cache, i, n):
+        return cache[table[i].long()].flatten(0, 1)[:n] if paged else cache[i, :n]
+
+    def oracle(q, k_new, v_new):
+        outs, lses = [], []
+        for i, n in enumerate(cached):
+            keys = torch.cat([cached_tokens(k_cache, i, n).to(k_new.dtype), k_new[i]])
+            values = torch.cat([cached_tokens(v_cache, i, n).to(v_new.dtype), v_new[i]])
+            out, lse = bshd_oracle(q[i:i + 1], keys[None], values[None], causal=True)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
+
+    assert_gradients_match_oracle(ours, (q, k_new, v_new), oracle=oracle, names=("dq", "dk_new", "dv_new"),
+                                  keys=max(cached) + new)

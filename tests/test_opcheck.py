@@ -174,14 +174,19 @@ def test_decode_with_append_replays_in_a_cuda_graph_for_changing_lengths():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["causal_lse", "bool_mask", "window_softcap"])
+@pytest.mark.parametrize("case", ["causal_lse", "bool_mask", "window_softcap", "alibi_sinks"])
 def test_prefill_op_with_gradients(case, dtype):
-    """The prefill op's autograd (the FlashAttention backward) and the backward op itself pass opcheck."""
-    mask_kind, window, softcap, _, _ = PREFILL_CASES[case]
+    """The prefill op's autograd (the FlashAttention backward; the sinks get a gradient) and the backward op itself
+    pass opcheck."""
+    biased = case == "alibi_sinks"
+    mask_kind, window, softcap, _, _ = PREFILL_CASES["causal_lse" if biased else case]
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 4, 2, 40, 48, 32, dtype=dtype, device=DEVICE))
     mask = make_mask(mask_kind, 2, 4, 40, 48, dtype)
-    torch.library.opcheck(ops.prefill.default, (q, k, v, mask, 0.17, *window, softcap, True, None, None))
-    out, lse = ops.prefill(q, k, v, mask, 0.17, *window, softcap, True, None, None)
+    slopes = torch.rand(2, 4, device=DEVICE) if biased else None
+    sinks = torch.randn(4, device=DEVICE, dtype=dtype, requires_grad=True) if biased else None
+    torch.library.opcheck(ops.prefill.default, (q, k, v, mask, 0.17, *window, softcap, True, slopes, sinks))
+    out, lse = ops.prefill(q, k, v, mask, 0.17, *window, softcap, True, slopes, sinks)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
     torch.library.opcheck(ops.prefill_backward.default, (grad_out, grad_lse, *(t.detach() for t in (q, k, v, out)),
-                                                         lse.detach(), mask, 0.17, *window, softcap))
+                                                         lse.detach(), mask, 0.17, *window, softcap, slopes,
+                                                         None if sinks is None else sinks.detach()))

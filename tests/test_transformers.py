@@ -32,10 +32,12 @@ DECODERS = {  # GQA everywhere; Mistral's window and Gemma-2's local layers are 
 }
 
 
-def build(config, implementation):
+def build(config, implementation, auto_class=transformers.AutoModelForCausalLM):
+    """The model of ``config`` (a causal LM unless ``auto_class`` says otherwise) with seeded random weights, the same
+    for every implementation, in eval mode on the test device."""
     config = copy.deepcopy(config)  # _from_config mutates the config it is given
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    model = auto_class.from_config(config, attn_implementation=implementation)
     return model.to(DEVICE).eval()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -54,8 +53,8 @@ def attention(
         alibi_slopes: fp32 ``[Hq]`` or ``[B, Hq]``: ALiBi, ``-slope * |i + Sk - Sq - j|`` added to the logits.
         sinks: ``[Hq]`` (any float dtype): one logit per head that joins each row's softmax denominator and
             attends to nothing (gpt-oss's ``s_aux``); lse includes it, a row that sees no key gets lse ``sink``.
-            ``auto`` runs ALiBi and sinks in the Triton kernels on CUDA, and on the differentiable ``torch`` path
-            where a gradient is asked for (an input, the slopes or the sinks requiring grad) or Triton cannot run.
+            ``auto`` runs ALiBi and sinks in the Triton kernels on CUDA (their backward gives q, k, v and the sinks
+            gradients), and on the differentiable ``torch`` path where the slopes require grad or Triton cannot run.
         return_lse: also return the natural-log logsumexp of each row, ``[B, Hq, Sq]``, fp32 (fp64 for fp64 inputs).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled PyTorch) or ``"naive"`` (see ``dispatch``).
 
@@ -109,25 +108,31 @@ def attention(
 BIAS_BACKENDS = ("triton", "torch", "naive")
 
 
-def _bias_backend(q, k, v, backend, alibi_slopes, sinks):
+def _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask=None):
     """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA where they take
-    v's head dim, else the tiled PyTorch path, which is also where a gradient is asked for (the kernels have no
-    backward yet; this path is differentiable, and gpt-oss's ``s_aux`` is a trained parameter); SDPA cannot
-    take them."""
+    v's head dim, else the tiled PyTorch path, which is also where slopes or a mask that require grad go (the
+    Triton backward gives q, k, v and the sinks their gradients, not the slopes or the mask); SDPA cannot take
+    them."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if backend not in BIAS_BACKENDS + ("auto",):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
-    if backend == "auto" and _needs_grad(q, k, v, alibi_slopes, sinks):
+    if backend == "auto" and _needs_grad(alibi_slopes, mask):
         return "torch"
     return dispatch.choose_backend(q, v, backend)
 
 
 def _needs_grad(*tensors) -> bool:
-    # runs before the biases are validated: a non-tensor is _check_biases's to refuse
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    """Whether gradients are asked for: grad mode on and one of ``tensors`` (None allowed) requiring grad."""
+    # Runs before the biases are validated (a non-tensor is _check_biases's to refuse), and on the decode hot path
+    # (a loop: half the host time of any() over a generator).
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and getattr(t, "requires_grad", False) is True:
+                return True
+    return False
 
 
 def _check_biases(q, alibi_slopes, sinks, batch):
@@ -161,7 +166,7 @@ def _keyless(q, v, shape, sinks, heads_dim):
 
 
 def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_slopes, sinks, return_lse, backend):
-    chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks)
+    chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask)
     call = _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, chosen)
     _check_biases(q, alibi_slopes, sinks, q.shape[0])
     options = dict(scale=call.scale, softcap=call.softcap, mask=None if mask is None else mask.expand(call.mask_shape),
@@ -171,13 +176,18 @@ def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_
     elif chosen == "triton":
         from . import ops
 
-        if _needs_grad(q, k, v, alibi_slopes, sinks):
-            _warn_no_backward()
-        if call.decode_shaped:
-            out, lse = ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=call.window,
+        def run():
+            if call.decode_shaped:
+                return ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=call.window,
                                       return_lse=True, num_splits=0, **options)
-        else:
-            out, lse = ops.run_prefill(q, k, v, window=call.window, return_lse=True, **options)
+            return ops.run_prefill(q, k, v, window=call.window, return_lse=True, **options)
+
+        if _needs_grad(q, k, v, sinks) and not _needs_grad(alibi_slopes, options["mask"]):
+            # the FlashAttention backward: gradients of q, k, v and the sinks (decode shapes included)
+            out, lse = ops.run_prefill_differentiable(q, k, v, window=call.window, return_lse=True, **options)
+        else:  # slopes or a mask requiring grad get theirs on the torch path only (auto sends such calls there)
+            out, lse = _without_backward("tileattn.attention with alibi_slopes or sinks", run, q, k, v, alibi_slopes,
+                                         sinks, options["mask"])
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
         out, lse = impl(q, k, v, window=call.window, return_lse=True, **options)
@@ -297,6 +307,11 @@ def attention_varlen(
         max_seqlen_q, max_seqlen_k: the longest sequence of each (sizes the launch grid).
         Other options as in :func:`attention` (no ``mask``); causal is bottom-right aligned per sequence;
             ``alibi_slopes`` ``[batch, Hq]`` gives each sequence its own row.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"naive"``. The varlen kernel has no backward yet: where
+            a gradient is asked for (grad mode on and an input, the slopes or the sinks requiring grad), ``auto``
+            runs each sequence through :func:`attention` instead, which has gradients on every backend (on CUDA
+            the Triton kernels' FlashAttention backward, one launch per sequence); ``backend="triton"`` runs the
+            varlen kernel, and a backward through its result raises a RuntimeError.
     Returns:
         ``out [total_q, Hq, D_v]`` or ``(out, lse)`` with lse fp32 ``[Hq, total_q]``. Sequence ``b``'s rows
         equal ``attention`` on that sequence alone.
@@ -326,18 +341,22 @@ def attention_varlen(
         _check_biases(q, alibi_slopes, sinks, cu_seqlens_q.shape[0] - 1)
     else:
         chosen = _backend(q, v, backend)
+    # The varlen kernel has no backward yet: where gradients are asked for, auto runs each sequence through
+    # attention() instead, whose every backend has one (on CUDA the Triton kernels' FlashAttention backward).
+    per_sequence = chosen == "triton" and backend == "auto" and _needs_grad(q, k, v, alibi_slopes, sinks)
     options = dict(scale=scale, softcap=softcap, **(dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}))
     if q.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
         out, lse = _keyless(q, v, (q.shape[1], q.shape[0]), sinks, heads_dim=0)
-    elif chosen == "triton":
+    elif chosen == "triton" and not per_sequence:
         from . import ops
 
-        if _needs_grad(q, k, v, alibi_slopes, sinks):
-            _warn_no_backward()
-        out, lse = ops.run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        def run():
+            return ops.run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           window=(left, right), return_lse=bool(return_lse), **options)
+
+        out, lse = _without_backward("tileattn.attention_varlen", run, q, k, v, alibi_slopes, sinks)
     else:
-        impl = tiled_attention if chosen == "torch" else naive_attention
+        impl = attention if per_sequence else tiled_attention if chosen == "torch" else naive_attention
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, impl=impl,
                                               window=(left, right), **options)
     return (out, lse) if return_lse else out
@@ -369,6 +388,11 @@ def attention_with_kvcache(
             torch.compile; a serving loop whose own bookkeeping guarantees it (``PagedKVCache``) may pass False.
             Without the check the Triton kernel clamps lengths to the cache (never reads or writes outside it;
             page ids are trusted); the PyTorch backends always check (they read the lengths on the host anyway).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"naive"``. The decode kernel has no backward yet: where
+            a gradient is asked for (grad mode on and q, the caches, the new tokens, the slopes or the sinks
+            requiring grad), ``auto`` writes the new tokens by PyTorch indexing and runs each sequence through
+            :func:`attention`, which has gradients on every backend; ``backend="triton"`` runs the decode kernel,
+            and a backward through its result raises a RuntimeError.
         Other options as in :func:`attention`.
     Returns:
         ``out [B, Hq, Sq, D_v]`` or ``(out, lse)``, lse fp32 ``[B, Hq, Sq]``.
@@ -380,31 +404,42 @@ def attention_with_kvcache(
                             with_plan=not biased)
     if biased:
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
+    grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, sinks)
+    # The decode kernel has no backward yet: where gradients are asked for, auto writes the new tokens by PyTorch
+    # indexing and runs each sequence through attention() instead, whose every backend has one.
+    per_sequence = call.backend == "triton" and backend == "auto" and grad
+    triton = call.backend == "triton" and not per_sequence
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
-    if (check_bounds or call.backend != "triton") and _may_read_device_values():
+    if (check_bounds or not triton) and _may_read_device_values():
         _check_cache_bounds(k_cache, cache_seqlens, call.new_tokens, block_table)
-    if call.plan is not None:  # a plain eager call whose launch is prepared for its signature
-        if torch.is_grad_enabled() and q.requires_grad:
-            _warn_no_backward()
-        out, lse = call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new)
-    elif call.backend == "triton":
-        from . import ops
-
-        if torch.is_grad_enabled() and q.requires_grad:
-            _warn_no_backward()
-        out, lse = ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
-                                  block_table=block_table, return_lse=call.return_lse, num_splits=num_splits,
-                                  scale=call.scale, softcap=call.softcap, window=call.window, k_new=k_new, v_new=v_new,
-                                  alibi_slopes=alibi_slopes, sinks=sinks)
+    if triton:
+        launch = (call, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, num_splits, alibi_slopes, sinks)
+        if grad:
+            out, lse = _without_backward("tileattn.attention_with_kvcache", lambda: _kvcache_kernel(*launch), q,
+                                         k_cache, v_cache, k_new, v_new, alibi_slopes, sinks)
+        else:
+            out, lse = _kvcache_kernel(*launch)
     else:
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-        impl = tiled_attention if call.backend == "torch" else naive_attention
+        impl = attention if per_sequence else tiled_attention if call.backend == "torch" else naive_attention
         biases = dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}
         out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
                                                block_table=block_table, return_lse=True, impl=impl, scale=call.scale,
                                                softcap=call.softcap, window=call.window, **biases)
     return (out, lse) if return_lse else out
+
+
+def _kvcache_kernel(call, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, num_splits, alibi_slopes,
+                    sinks):
+    """``(out, lse or None)`` of a validated :func:`attention_with_kvcache` call on the Triton decode kernel."""
+    if call.plan is not None:  # a plain eager call whose launch is prepared for its signature
+        return call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new)
+    from . import ops
+
+    return ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens, block_table=block_table,
+                          return_lse=call.return_lse, num_splits=num_splits, scale=call.scale, softcap=call.softcap,
+                          window=call.window, k_new=k_new, v_new=v_new, alibi_slopes=alibi_slopes, sinks=sinks)
 
 
 def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
@@ -416,7 +451,8 @@ def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new,
                              softcap, return_lse, num_splits, "auto", True)
     key = None if key is None else ("seq_first", *key)
     call = _prepared.get(key) if key is not None else None
-    if call is None or call.backend != "triton":
+    # a call that requires grad too: auto runs it on a path with a backward (see attention_with_kvcache)
+    if call is None or call.backend != "triton" or _needs_grad(q, k_cache, v_cache, k_new, v_new):
         def heads_first(t):
             return None if t is None else t.transpose(1, 2)
 
@@ -431,8 +467,6 @@ def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new,
             v_new=heads_first(v_new), block_table=block_table, causal=causal, scale=scale, window=window,
             softcap=softcap, return_lse=return_lse, num_splits=num_splits, check_bounds=False)
         return (heads_first(result[0]), result[1]) if return_lse else heads_first(result)
-    if torch.is_grad_enabled() and q.requires_grad:
-        _warn_no_backward()
     if call.plan is not None:
         out, lse = call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new)
     else:
@@ -584,11 +618,34 @@ def _backend(q, v, backend):
     return dispatch.choose_backend(q, v, backend)
 
 
-def _warn_no_backward() -> None:
-    warnings.warn("this tileattn Triton entry point has no backward yet (tileattn.attention without ALiBi or sinks has "
-                  "one): the result of this call does not require grad, so no gradient reaches q, k or v (run "
-                  "inference under torch.no_grad() to silence this; for training use backend='torch', which "
-                  "differentiates through PyTorch)", stacklevel=3)
+class _NoBackward(torch.autograd.Function):
+    """A Triton entry point that has no backward yet, run on inputs that require grad (``backend="triton"`` asked
+    for explicitly; ``auto`` picks a path with a backward). The forward runs, so inference that forgot
+    ``torch.no_grad()`` keeps working; its results join the autograd graph, so a backward through them raises
+    instead of leaving those inputs without their gradient: PyTorch's own rule for an operation that has no
+    derivative. ``apply(entry_point, run, *inputs)``: ``run()`` gives the results, ``inputs`` (the tensors that
+    require grad) are the graph's edges."""
+
+    @staticmethod
+    def forward(ctx, entry_point, run, *inputs):
+        ctx.entry_point = entry_point
+        return run()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.entry_point} ran on backend='triton', whose kernel has no backward yet, so it "
+                           "cannot give the gradients asked for: use backend='auto', which runs calls that require "
+                           "grad on a path with a backward (or backend='torch'), or run inference under "
+                           "torch.no_grad()")
+
+
+def _without_backward(entry_point, run, *inputs):
+    """``run()``'s results, through :class:`_NoBackward` when gradients are asked for (grad mode on and one of
+    ``inputs`` requiring grad; ``inputs`` may hold None), else plain ``run()``."""
+    needing = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if torch.is_grad_enabled() and needing:
+        return _NoBackward.apply(entry_point, run, *needing)
+    return run()
 
 
 def _may_read_device_values() -> bool:

@@ -39,40 +39,43 @@ def _(q, k, v, mask, scale, window_left, window_right, softcap, return_lse, alib
 @torch.library.custom_op("tileattn::prefill_backward", mutates_args=())
 def prefill_backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                     window_left: int, window_right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
-    """``(dq, dk, dv)`` of ``tileattn::prefill`` (see ``kernels.backward``); softcap 0 means none."""
-    return attention_backward(grad_out, q, k, v, out, lse, grad_lse=grad_lse, window=(window_left, window_right),
-                              scale=scale, softcap=softcap or None, mask=mask)
+                     window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+                     sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dsinks)`` of ``tileattn::prefill`` (see ``kernels.backward``); softcap 0 means none; dsinks is
+    empty without sinks."""
+    dq, dk, dv, dsinks = attention_backward(
+        grad_out, q, k, v, out, lse, grad_lse=grad_lse, window=(window_left, window_right), scale=scale,
+        softcap=softcap or None, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks)
+    return dq, dk, dv, _lse_or_empty(dsinks, q)
 
 
 @prefill_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, mask, scale, window_left, window_right, softcap):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, grad_lse, q, k, v, out, lse, mask, scale, window_left, window_right, softcap, alibi_slopes, sinks):
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _prefill_setup_context(ctx, inputs, output):
     q, k, v, mask, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, sinks)
     ctx.options = (scale, window_left, window_right, softcap)
     ctx.unsupported = None
     if not return_lse:
         ctx.unsupported = "the forward was called with return_lse=False (no lse to recompute the probabilities from)"
-    elif alibi_slopes is not None or sinks is not None:
-        ctx.unsupported = ("ALiBi slopes and sinks have no Triton backward yet (tileattn.attention runs such calls "
-                           "on the differentiable torch backend)")
 
 
 def _prefill_grad(ctx, grad_out, grad_lse):
     if ctx.unsupported:
         raise RuntimeError(f"tileattn::prefill backward: {ctx.unsupported}")
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = prefill_backward(grad_out, grad_lse, q, k, v, out, lse, mask, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, mask, alibi_slopes, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = prefill_backward(grad_out, grad_lse, q, k, v, out, lse, mask, *ctx.options, alibi_slopes,
+                                          sinks)
+    return dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks
 
 
-# The mask gets no gradient (tileattn.attention sends a call whose mask requires grad to the torch backend).
+# The mask and the ALiBi slopes get no gradient (tileattn.attention sends a call where they require grad to the
+# torch backend).
 torch.library.register_autograd("tileattn::prefill", _prefill_grad, setup_context=_prefill_setup_context)
 
 
@@ -134,10 +137,10 @@ def attention_plan(q, k, v, *, decode_shaped, mask, scale, window, softcap, retu
     return prefill_plan(q, k, v, window=window, scale=scale, softcap=softcap, mask=mask, return_lse=return_lse)
 
 
-def run_prefill_differentiable(q, k, v, *, mask, scale, window, softcap, return_lse):
+def run_prefill_differentiable(q, k, v, *, mask, scale, window, softcap, return_lse, alibi_slopes=None, sinks=None):
     """:func:`run_prefill` through the ``tileattn::prefill`` op and its autograd (the FlashAttention backward), in
-    eager mode too: for calls whose inputs require grad."""
-    out, lse = prefill(q, k, v, mask, scale, *window, softcap or 0.0, True, None, None)
+    eager mode too: for calls whose inputs (q, k, v, sinks) require grad."""
+    out, lse = prefill(q, k, v, mask, scale, *window, softcap or 0.0, True, alibi_slopes, sinks)
     return out, (lse if return_lse else None)
 
 

@@ -8,6 +8,9 @@ absolute term: one unit of rounding of that precision at the output's magnitude
 rounding that argument costs ``eps * |logit|`` relative, a few ulps at logits ~10. Real defects (a
 wrong mask, a skipped block) are orders of magnitude larger. LSE is checked absolutely: it is computed in fp32
 from the same rounded inputs, so precision of the inputs does not enter it.
+
+Gradients follow flash-attn's rule for dq/dk/dv: at most 3x the error of PyTorch's own gradients in the same
+precision, plus a few ulps (:func:`assert_gradients_match_oracle`).
 """
 
 from __future__ import annotations
@@ -83,6 +86,41 @@ def assert_matches_oracle(out, q, k, v, lse=None, **options):
         assert torch.equal(lse == float("-inf"), empty_rows), "lse must be -inf exactly on rows that see no key"
         lse_err = (lse.double() - ref_lse)[~empty_rows].abs()
         assert lse_err.numel() == 0 or lse_err.max().item() <= 1e-4, f"lse error {lse_err.max().item():.3g}"
+
+
+def attention_gradients(fn, inputs, grad_out, grad_lse):
+    """The gradients with respect to ``inputs`` of ``sum(out * grad_out) + sum(lse * grad_lse)``, where
+    ``fn(*inputs)`` gives ``(out, lse)``: over the rows whose lse is finite (a row that sees no key has lse
+    ``-inf`` and passes nothing back through it). ``inputs`` are taken as detached leaves that require grad."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out, lse = fn(*inputs)
+    seen = torch.isfinite(lse)
+    loss = (out * grad_out.to(out.dtype)).sum() + (torch.where(seen, lse, 0) * grad_lse.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_gradients_match_oracle(fn, inputs, *, oracle, names, keys):
+    """The gradients of ``fn`` (``fn(*inputs) -> (out, lse)``) against those of ``oracle`` (the same function in
+    plain PyTorch, differentiated in float64 and in the inputs' precision), under fresh random output and lse
+    gradients, by flash-attn's rule for dq/dk/dv: at most 3x the error of PyTorch's own gradients in the same
+    precision, plus a few ulps (more in fp32, where the blocked online softmax rounds once per key block: they grow
+    with log2 of the ``keys``). ``names`` name the inputs' gradients in failure messages."""
+    with torch.no_grad():
+        out, lse = oracle(*inputs)
+    grad_out = torch.randn(out.shape, device=out.device)
+    grad_lse = torch.randn(lse.shape, device=lse.device)
+    got = attention_gradients(fn, inputs, grad_out, grad_lse)
+    exact = attention_gradients(oracle, [t.double() for t in inputs], grad_out.double(), grad_lse.double())
+    same_precision = attention_gradients(oracle, inputs, grad_out, grad_lse)
+    dtype = inputs[0].dtype
+    ulps = 16 * max(1, math.ceil(math.log2(max(keys, 2)))) if dtype == torch.float32 else 2
+    for name, g, ref, base in zip(names, got, exact, same_precision, strict=True):
+        assert g.shape == ref.shape and g.dtype == dtype, f"{name}: {g.dtype} {tuple(g.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(g).all(), f"{name} has NaN/Inf"
+        err = (g.double() - ref).abs().max().item()
+        base_err = (base.double() - ref).abs().max().item()
+        bound = 3 * base_err + ulps * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
+        assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (3x naive {dtype} error + {ulps} ulp)"
 
 
 def capture_graph(fn):

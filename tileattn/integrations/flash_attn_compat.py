@@ -11,9 +11,15 @@ Same argument names, ``[batch, seqlen, heads, head_dim]`` layout, bottom-right c
 values. ``alibi_slopes`` (fp32 ``[Hq]`` or ``[B, Hq]``) follow flash-attn's rule, lse included (under plain causal
 masking flash-attn adds ``slope * j``, which shifts each row's lse by ``slope * (i + Sk - Sq)`` from tileattn's
 ``-slope * |i + Sk - Sq - j|``; the returned lse is flash-attn's). ``flash_attn_with_kvcache`` takes rotary
-embeddings, ``cache_batch_idx`` and ``cache_leftpad``. Inference only: ``dropout_p`` must be 0.
+embeddings, ``cache_batch_idx`` and ``cache_leftpad``. ``dropout_p`` must be 0 (tileattn has no attention dropout).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
 as a testing aid that may be wrongly scaled; tileattn never materializes them.
+
+Gradients reach q, k and v (and packed ``qkv``/``kv``) as in flash-attn, with causal, windows, softcap and ALiBi,
+through :func:`tileattn.attention`'s backends (each one ``auto`` may pick has a backward). ``deterministic`` is
+accepted with nothing to choose: the Triton backward uses no atomics, so reruns give the same bits. Two differences,
+both gradients flash-attn does not give: the returned lse has its true gradient (flash-attn's backward ignores the
+lse's), and ``flash_attn_with_kvcache`` (no backward in flash-attn) differentiates too.
 
 As in flash-attn 3 (not 2), v (and v_cache) may have a head dim ``D_v`` other than q/k's ``D`` in
 ``flash_attn_func``, ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` (DeepSeek MLA: 192/128, 576/512);
@@ -39,7 +45,7 @@ def _window(window_size):
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
     if dropout_p:
-        raise ValueError("dropout_p must be 0: tileattn is an inference library")
+        raise ValueError("dropout_p must be 0: tileattn has no attention dropout")
     return dict(scale=softmax_scale, causal=causal, window=_window(window_size), softcap=softcap or None,
                 alibi_slopes=alibi_slopes)
 

@@ -18,8 +18,10 @@ without a mask, a causal call with more keys than queries is the prefill of an e
 keys past the queries are unfilled slots, so they are cropped.
 
 Attention sinks (``s_aux``, gpt-oss) become ``sinks`` of :func:`tileattn.attention`.
+Training works as with eager attention: every backend ``auto`` picks has a backward (on CUDA the Triton
+FlashAttention backward), GQA and padded batches included.
 Not supported (clear errors): ``output_attentions=True`` (the weights are never materialized: use
-``attn_implementation="eager"``), dropout during training.
+``attn_implementation="eager"``), attention dropout during training (set the model's attention dropout to 0).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
         raise ValueError("attn_implementation='tileattn' never materializes attention weights; "
                          "load the model with attn_implementation='eager' to get output_attentions")
     if dropout and module.training:
-        raise ValueError("tileattn is an inference library: attention dropout is not supported (call model.eval())")
+        raise ValueError(f"attn_implementation='tileattn' has no attention dropout (the model asks for p={dropout}): "
+                         "set the config's attention dropout to 0 to train with it (attention_dropout, or "
+                         "attention_probs_dropout_prob for BERT), or call model.eval() for inference")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # Sliding windows (kwargs["sliding_window"]) are not passed on: Transformers builds them into the mask
     # whenever they matter (kv_length >= window), in absolute positions, which stay right with static caches

@@ -28,13 +28,14 @@ from .common import (
 
 @triton.jit
 def _probabilities(
-    qk, query_pos, key_pos, lse_log2, mask_ptrs, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
-    softcap, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    qk, query_pos, key_pos, lse_log2, mask_ptrs, alibi, seqlen_q, seqlen_k, diag, window_left, window_right,
+    sm_scale, softcap, EDGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """The forward's probabilities of a tile of raw scores ``qk`` (``q @ k^T``, or ``k @ q^T`` in the dK/dV kernel),
     recomputed from each row's lse (log2 units), and the softcap's derivative factor ``1 - tanh^2`` (1 without
-    softcap). ``query_pos``, ``key_pos``, ``lse_log2`` and ``mask_ptrs`` broadcast to the tile's orientation.
+    softcap). ``query_pos``, ``key_pos``, ``lse_log2`` and ``mask_ptrs`` broadcast to the tile's orientation; ``alibi``
+    is the head's ALiBi slope in log2 units (``HAS_ALIBI``).
     ``EDGE`` tiles hold queries or keys outside the window or the lengths: those entries are 0; the other tiles are
     visible everywhere and skip that work."""
     if HAS_SOFTCAP:
@@ -44,6 +45,8 @@ def _probabilities(
     else:
         s = qk * (sm_scale * LOG2E)
         factor = 1.0
+    if HAS_ALIBI:  # a constant of the logits: no factor of its own in dS
+        s -= alibi * tl.abs(key_pos - (query_pos + diag)).to(tl.float32)
     if MASK_KIND != MASK_NONE:
         user_mask = tl.load(mask_ptrs, mask=(query_pos < seqlen_q) & (key_pos < seqlen_k), other=0)
         if MASK_KIND == MASK_ADDITIVE:
@@ -90,11 +93,11 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_query_blocks(
-    dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, start, end, offs_m, offs_d, cols,
+    dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, alibi, start, end, offs_m, offs_d, cols,
     stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Fold query blocks ``start, start + BLOCK_M, ... < end`` of one query head into this key block's ``dk``, ``dv``
     (``[BLOCK_N, BLOCK_D]``, fp32). Tiles are kept transposed, ``[BLOCK_N, BLOCK_M]`` (keys by queries), so that
@@ -111,9 +114,9 @@ def _dkdv_query_blocks(
         lse_log2, delta = _row_terms(Lse, Delta, lse_base + rows * stride_lm, rows < seqlen_q)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t, factor = _probabilities(
-            qk_t, rows[None, :], cols[:, None], lse_log2[None, :], mask_base + rows[None, :] * stride_mm, seqlen_q,
-            seqlen_k, diag, window_left, window_right, sm_scale, softcap, EDGE, HAS_LEFT, HAS_RIGHT, MASK_KIND,
-            HAS_SOFTCAP)
+            qk_t, rows[None, :], cols[:, None], lse_log2[None, :], mask_base + rows[None, :] * stride_mm, alibi,
+            seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, EDGE, HAS_LEFT, HAS_RIGHT,
+            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :]) * factor
@@ -123,7 +126,7 @@ def _dkdv_query_blocks(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, Mask,
+    Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -131,12 +134,12 @@ def _dkdv_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ab,
     num_heads_kv, group_size, seqlen_q, seqlen_k, window_left, window_right,
     sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
@@ -167,21 +170,24 @@ def _dkdv_kernel(
         do_base = DOut + off_b * stride_gb + off_h * stride_gh + offs_d[None, :] * stride_gd
         mask_base = Mask + off_b * stride_mb + off_h * stride_mh + cols[:, None] * stride_mn
         lse_base = off_b * stride_lb + off_h * stride_lh
+        alibi = 0.0
+        if HAS_ALIBI:
+            alibi = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, q_lo, full_lo, offs_m, offs_d, cols,
-            stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
-            softcap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX,
-            DOT_PRECISION)
+            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, alibi, q_lo, full_lo, offs_m, offs_d,
+            cols, stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right,
+            sm_scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP,
+            INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, full_lo, full_hi, offs_m, offs_d, cols,
-            stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
-            softcap, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX,
-            DOT_PRECISION)
+            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, alibi, full_lo, full_hi, offs_m, offs_d,
+            cols, stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right,
+            sm_scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP,
+            INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, full_hi, q_hi, offs_m, offs_d, cols,
-            stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale,
-            softcap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX,
-            DOT_PRECISION)
+            dk, dv, k, v, q_base, do_base, mask_base, Lse, Delta, lse_base, alibi, full_hi, q_hi, offs_m, offs_d,
+            cols, stride_qm, stride_gm, stride_lm, stride_mm, seqlen_q, seqlen_k, diag, window_left, window_right,
+            sm_scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP,
+            INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
 
     col_ok = (cols < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -192,11 +198,11 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_key_blocks(
-    dq, q, do, lse_log2, delta, k_base, v_base, mask_base, start, end, rows, offs_n, offs_d,
+    dq, q, do, lse_log2, delta, k_base, v_base, mask_base, alibi, start, end, rows, offs_n, offs_d,
     stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Fold key blocks ``start, start + BLOCK_N, ... < end`` into this query block's ``dq`` (``[BLOCK_M, BLOCK_D]``,
     fp32). Query rows past seqlen_q only touch their own dQ rows, which are not stored."""
@@ -210,9 +216,9 @@ def _dq_key_blocks(
                       EDGE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p, factor = _probabilities(
-            qk, rows[:, None], cols[None, :], lse_log2[:, None], mask_base + cols[None, :] * stride_mn, seqlen_q,
-            seqlen_k, diag, window_left, window_right, sm_scale, softcap, EDGE, HAS_LEFT, HAS_RIGHT, MASK_KIND,
-            HAS_SOFTCAP)
+            qk, rows[:, None], cols[None, :], lse_log2[:, None], mask_base + cols[None, :] * stride_mn, alibi,
+            seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, EDGE, HAS_LEFT, HAS_RIGHT,
+            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None]) * factor
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -221,19 +227,19 @@ def _dq_key_blocks(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, Mask,
+    Q, K, V, DOut, Lse, Delta, DQ, Mask, Alibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ab,
     num_heads_q, group_size, seqlen_q, seqlen_k, window_left, window_right,
     sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_b = (tl.program_id(1) // num_heads_q).to(tl.int64)
@@ -254,23 +260,26 @@ def _dq_kernel(
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
     mask_base = Mask + off_b * stride_mb + off_h * stride_mh + rows[:, None] * stride_mm
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    alibi = 0.0
+    if HAS_ALIBI:
+        alibi = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
 
     diag = seqlen_k - seqlen_q
     row_hi = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = key_block_ranges(start_m, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N,
                                                 HAS_LEFT, HAS_RIGHT)
     dq = _dq_key_blocks(
-        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, lo, full_lo, rows, offs_n, offs_d, stride_kn,
+        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, alibi, lo, full_lo, rows, offs_n, offs_d, stride_kn,
         stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, HEAD_DIM,
-        BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION)
+        BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
     dq = _dq_key_blocks(
-        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, full_lo, full_hi, rows, offs_n, offs_d, stride_kn,
+        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, alibi, full_lo, full_hi, rows, offs_n, offs_d, stride_kn,
         stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, HEAD_DIM,
-        BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION)
+        BLOCK_D, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
     dq = _dq_key_blocks(
-        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, full_hi, hi, rows, offs_n, offs_d, stride_kn,
+        dq, q, do, lse_log2, delta, k_base, v_base, mask_base, alibi, full_hi, hi, rows, offs_n, offs_d, stride_kn,
         stride_vn, stride_mn, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap, HEAD_DIM,
-        BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION)
+        BLOCK_D, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_SOFTCAP, INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
 
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -300,18 +309,24 @@ def _config(block_d, dtype, interpreted):
 
 
 def attention_backward(grad_out, q, k, v, out, lse, *, grad_lse=None, window=(-1, -1), scale, softcap=None,
-                       mask=None, config=None):
-    """``(dq, dk, dv)`` of :func:`tileattn.kernels.prefill.prefill_attention`'s output (inputs already validated).
+                       mask=None, alibi_slopes=None, sinks=None, config=None):
+    """``(dq, dk, dv, dsinks)`` of :func:`tileattn.kernels.prefill.prefill_attention`'s output (inputs already
+    validated).
 
     Args:
         grad_out: ``[B, Hq, Sq, D]``, the output's gradient; q, k, v, out: the forward's tensors (fp16, bf16 or
             fp32, any strides, ``D == D_v <= 256``); lse: its fp32 natural-log logsumexp ``[B, Hq, Sq]``.
         grad_lse: optional fp32 ``[B, Hq, Sq]``, the lse's gradient.
-        window, scale, softcap, mask: as the forward had them (``mask`` expanded to ``[B, Hq, Sq, Sk]``, no gradient).
+        window, scale, softcap, mask, alibi_slopes, sinks: as the forward had them (``mask`` expanded to
+            ``[B, Hq, Sq, Sk]``; the mask and the slopes get no gradient).
         config: ``((block_m, block_n, num_warps, num_stages) of the dK/dV kernel, (...) of the dQ kernel)`` instead
             of the default.
     Returns:
-        ``dq``, ``dk``, ``dv`` with q's, k's and v's shapes, dtypes and (for dense tensors) layouts.
+        ``dq``, ``dk``, ``dv`` with q's, k's and v's shapes, dtypes and (for dense tensors) layouts, and the sinks'
+        gradient (sinks' shape and dtype; None without sinks). A sink joins every row's denominator and carries no
+        value, so ``d lse_i / d sink = P_sink_i = exp(sink - lse_i)`` and ``d out_i / d sink = -P_sink_i * out_i``:
+        ``dsink = -sum_i P_sink_i * delta_i``, from the row terms alone (q, k, v's gradients take the sink in
+        through the lse).
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -330,19 +345,28 @@ def attention_backward(grad_out, q, k, v, out, lse, *, grad_lse=None, window=(-1
 
     mask_kind = 0 if mask is None else (MASK_BOOL.value if mask.dtype == torch.bool else MASK_ADDITIVE.value)
     mask_arg, mask_strides = mask_tensor(mask, q), (0, 0, 0, 0) if mask is None else mask.stride()
+    slopes = q if alibi_slopes is None else alibi_slopes.contiguous()
+    slopes_batch_stride = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     left, right = window
     large = needs_int64_index(q, k, v, grad_out, dq, dk, dv) or (mask is not None and needs_int64_index(mask_arg))
     options = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
                    HAS_SOFTCAP=softcap is not None, INT64_INDEX=large,
-                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_ALIBI=alibi_slopes is not None)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *delta.stride())
     sizes = (hq // hkv, sq, sk, max(left, 0), max(right, 0), scale, softcap or 1.0)
     block_m, block_n, num_warps, num_stages = dkdv_tile
     _dkdv_kernel[(cdiv(sk, block_n), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask_arg, *strides, *dk.stride(), *dv.stride(), *mask_strides,
-        hkv, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **options)
+        q, k, v, grad_out, lse, delta, dk, dv, mask_arg, slopes, *strides, *dk.stride(), *dv.stride(), *mask_strides,
+        slopes_batch_stride, hkv, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages, **options)
     block_m, block_n, num_warps, num_stages = dq_tile
     _dq_kernel[(cdiv(sq, block_m), b * hq)](
-        q, k, v, grad_out, lse, delta, dq, mask_arg, *strides, *dq.stride(), *mask_strides, hq, *sizes,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **options)
-    return dq, dk, dv
+        q, k, v, grad_out, lse, delta, dq, mask_arg, slopes, *strides, *dq.stride(), *mask_strides,
+        slopes_batch_stride, hq, *sizes, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages, **options)
+    dsinks = None
+    if sinks is not None:
+        sink_probability = torch.exp(sinks.float()[None, :, None] - lse)
+        sink_probability = torch.where(torch.isneginf(lse), 0.0, sink_probability)  # a -inf sink and no key
+        dsinks = (-(sink_probability * delta).sum(dim=(0, 2))).to(sinks.dtype)
+    return dq, dk, dv, dsinks
