@@ -234,23 +234,27 @@ def test_mismatched_devices():
 
 def test_triton_calls_that_require_grad_get_a_backward():
     """A Triton call on inputs that require grad runs through the FlashAttention backward (tests/test_backward.py
-    checks its values); the varlen and decode kernels, and ALiBi/sinks in the kernels, have none yet: asked for
-    explicitly, they still run forward (inference that forgot torch.no_grad() works) and a backward through their
-    result raises, naming the entry point, instead of leaving q, k, v without gradients."""
+    checks its values), with sinks too (they get a gradient); ALiBi slopes that require grad run on the tiled path,
+    as a mask that requires grad does. The varlen and decode kernels have no backward yet: asked for explicitly,
+    they still run forward (inference that forgot torch.no_grad() works) and a backward through their result raises,
+    naming the entry point, instead of leaving q, k, v without gradients."""
     q, k, v = random_qkv(1, 2, 2, 8, 8, 16, dtype=torch.float32, device=DEVICE)
     q.requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = tileattn.attention(q, k, v, backend="triton")
     assert out.grad_fn is not None
+    sinks = torch.zeros(2, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(2, device=DEVICE, requires_grad=True)
+    tileattn.attention(q, k, v, sinks=sinks, alibi_slopes=slopes, backend="triton").sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, sinks, slopes))
+    assert "require grad" in tileattn.explain(q, k, v, alibi_slopes=slopes, backend="triton").reason
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
     q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))
     without_backward = {
         "attention_varlen": lambda: tileattn.attention_varlen(q3, k3, v3, cu, cu, 5, 5, backend="triton"),
         "attention_with_kvcache": lambda: tileattn.attention_with_kvcache(
             q, k, v, torch.tensor([8], dtype=torch.int32, device=DEVICE), backend="triton"),
-        "alibi_slopes or sinks": lambda: tileattn.attention(q, k, v, sinks=torch.zeros(2, device=DEVICE),
-                                                            backend="triton"),
     }
     for name, call in without_backward.items():
         with warnings.catch_warnings():

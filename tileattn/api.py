@@ -110,17 +110,17 @@ BIAS_BACKENDS = ("triton", "torch", "naive")
 
 def _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask=None):
     """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA where they take
-    v's head dim, else the tiled PyTorch path, which is also where slopes or a mask that require grad go (the
-    Triton backward gives q, k, v and the sinks their gradients, not the slopes or the mask); SDPA cannot take
-    them."""
+    v's head dim, else the tiled PyTorch path, which is also where slopes or a mask that require grad go, with
+    ``backend="triton"`` too (the Triton backward gives q, k, v and the sinks their gradients, not the slopes or
+    the mask); SDPA cannot take them."""
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if backend not in BIAS_BACKENDS + ("auto",):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
-    if backend == "auto" and _needs_grad(alibi_slopes, mask):
-        return "torch"
+    if backend in ("auto", "triton") and _needs_grad(alibi_slopes, mask):
+        return "torch"  # as attention() without biases does for a mask that requires grad
     return dispatch.choose_backend(q, v, backend)
 
 
@@ -176,18 +176,15 @@ def _attention_with_biases(q, k, v, causal, scale, mask, window, softcap, alibi_
     elif chosen == "triton":
         from . import ops
 
-        def run():
-            if call.decode_shaped:
-                return ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=call.window,
-                                      return_lse=True, num_splits=0, **options)
-            return ops.run_prefill(q, k, v, window=call.window, return_lse=True, **options)
-
-        if _needs_grad(q, k, v, sinks) and not _needs_grad(alibi_slopes, options["mask"]):
-            # the FlashAttention backward: gradients of q, k, v and the sinks (decode shapes included)
+        if _needs_grad(q, k, v, sinks):
+            # the FlashAttention backward: gradients of q, k, v and the sinks (decode shapes included; slopes or a
+            # mask that require grad were sent to the torch path)
             out, lse = ops.run_prefill_differentiable(q, k, v, window=call.window, return_lse=True, **options)
-        else:  # slopes or a mask requiring grad get theirs on the torch path only (auto sends such calls there)
-            out, lse = _without_backward("tileattn.attention with alibi_slopes or sinks", run, q, k, v, alibi_slopes,
-                                         sinks, options["mask"])
+        elif call.decode_shaped:
+            out, lse = ops.run_decode(q, k, v, None, new_tokens=k.shape[2], block_table=None, window=call.window,
+                                      return_lse=True, num_splits=0, **options)
+        else:
+            out, lse = ops.run_prefill(q, k, v, window=call.window, return_lse=True, **options)
     else:
         impl = tiled_attention if chosen == "torch" else naive_attention
         out, lse = impl(q, k, v, window=call.window, return_lse=True, **options)
@@ -282,8 +279,11 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
     """
     scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
     if alibi_slopes is not None or sinks is not None:
-        chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks)
+        chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask)
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
+        if chosen == "torch" and backend in ("auto", "triton") and _needs_grad(alibi_slopes, mask):
+            return dispatch.Decision(chosen, "the slopes or the mask require grad: only the tiled PyTorch backend "
+                                             "gives them gradients")
         if backend != "auto":
             return dispatch.Decision(chosen, f"requested ({backend} takes ALiBi slopes and sinks)")
         why_not = dispatch.triton_call_unsupported_reason(q, v) if q.device.type == "cuda" else "not CUDA tensors"
