@@ -8,11 +8,17 @@ Public API:
     explain(q, k, v, ...)                        which backend attention() would use, and why
     cache.PagedKVCache                           paged K/V pools and block tables
     reference                                    plain-PyTorch implementations (the test oracle)
+    use_for_sdpa() / restore_sdpa()              route SDPA's flash backend and varlen_attn to tileattn's kernels
+                                                 (torch's flash-attention registry, name "TILEATTN"), and back
 """
 
 from . import cache, reference
 from .api import attention, attention_varlen, attention_with_kvcache, explain, merge_attention
+from .integrations import sdpa_provider as _sdpa_provider
+from .integrations.sdpa_provider import restore_sdpa, use_for_sdpa
+
+_sdpa_provider.register()  # "TILEATTN" in torch's flash-attention registry, where it exists; never activated here
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "explain", "merge_attention", "cache",
-           "reference", "__version__"]
+           "reference", "use_for_sdpa", "restore_sdpa", "__version__"]
