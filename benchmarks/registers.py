@@ -45,28 +45,42 @@ def build(fn, pointer_types, constexprs, num_warps, num_stages, floats=("sm_scal
     return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=kernel.metadata.shared)
 
 
-def prefill(head_dim, causal, dtype, alibi=False, sinks=False):
+def head_dim_constexprs(head_dim, head_dim_v):
+    """The head-dim constexprs a call of these head dims gets (``kernels.common``'s tiling)."""
+    from tileattn.kernels.common import qk_head_dim_tiling, v_head_dim_tiling
+
+    (block_d, qk_chunks), (block_dv, _) = qk_head_dim_tiling(head_dim), v_head_dim_tiling(head_dim_v)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, QK_CHUNKS=qk_chunks, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv)
+
+
+def prefill(head_dim, causal, dtype, alibi=False, sinks=False, head_dim_v=None):
     from tileattn.kernels import prefill as module
 
-    block_m, block_n, num_warps, num_stages = module._CONFIGS[head_dim]
+    dims = head_dim_constexprs(head_dim, head_dim_v or head_dim)
+    if dims["QK_CHUNKS"] > 1:
+        block_m, block_n, num_warps, num_stages = module._CHUNKED_CONFIG
+    else:
+        block_m, block_n, num_warps, num_stages = module._CONFIGS[max(dims["BLOCK_D"], dims["BLOCK_DV"])]
     types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Mask="i8", CuSeqlensQ="i32", CuSeqlensK="i32",
                  Alibi="fp32", Sinks="fp32")
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
+    constexprs = dict(**dims, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
                       HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, RETURN_LSE=False,
                       IS_VARLEN=False, INT64_INDEX=False, DOT_PRECISION="tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks)
     return build(module._prefill_kernel, types, constexprs, num_warps, num_stages)
 
 
-def decode(head_dim, causal, dtype, batch=1, kv_heads=8, group=4, split=True, alibi=False, sinks=False):
-    """The split-KV decode kernel for one query token per sequence, its H100 tile for this grid."""
+def decode(head_dim, causal, dtype, batch=1, kv_heads=8, group=4, split=True, alibi=False, sinks=False,
+           head_dim_v=None):
+    """The split-KV decode kernel for one query token per sequence, its H100 tile for this grid (before
+    ``fit_config``'s shared-memory fitting)."""
     from tileattn.kernels import decode as module
 
     block_m = min(64, max(16, 1 << (group - 1).bit_length()))
     block_n, num_warps, num_stages = module.choose_config(batch, kv_heads, 1, 132)
     types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Workspace="fp32", SplitsDone="i32",
                  BlockTable="i32", CacheSeqlens="i32", Mask="i8", KNew=dtype, VNew=dtype, Alibi="fp32", Sinks="fp32")
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=False,
-                      HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, PAGED=0,
+    constexprs = dict(**head_dim_constexprs(head_dim, head_dim_v or head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                      HAS_LEFT=False, HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, PAGED=0,
                       HAS_SEQLENS=True, APPEND=False, SPLIT=split, RETURN_LSE=False, INT64_INDEX=False,
                       DOT_PRECISION="tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks)
     return build(module._decode_kernel, types, constexprs, num_warps, num_stages)
@@ -91,7 +105,9 @@ def backward(head_dim, causal, dtype, tiles=None):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kernel", choices=["prefill", "decode", "backward"])
-    parser.add_argument("--head-dim", type=int, default=128, choices=[16, 32, 64, 128, 256])
+    parser.add_argument("--head-dim", type=int, default=128, help="q/k head dim (forward: up to 576; backward: 16, "
+                        "32, 64, 128 or 256)")
+    parser.add_argument("--head-dim-v", type=int, help="v head dim, forward kernels only (default: --head-dim)")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
     parser.add_argument("--alibi", action="store_true")
@@ -101,4 +117,5 @@ if __name__ == "__main__":
         print(backward(args.head_dim, args.causal, args.dtype))
     else:
         print((prefill if args.kernel == "prefill" else decode)(args.head_dim, args.causal, args.dtype,
-                                                                alibi=args.alibi, sinks=args.sinks))
+                                                                alibi=args.alibi, sinks=args.sinks,
+                                                                head_dim_v=args.head_dim_v))

@@ -1,7 +1,9 @@
-"""Head dims beyond the Triton kernels' range: v's head dim D_v other than q/k's D (DeepSeek MLA prefill 192/128,
-MLA decode 576/512) and equal head dims from 257 to 512, on every entry point and the backends that run them
-(auto, torch, naive), against a float64 expectation built from the definition alone (tests/definitions.py); the
-clear errors of the backends that cannot run them yet (triton, sdpa*) and explain()'s reasons."""
+"""Head dims past the usual: v's head dim D_v other than q/k's D (DeepSeek MLA prefill 192/128, MLA decode 576/512)
+and equal head dims from 257 to 512, on every entry point and every backend that runs them (auto, triton: chunked
+past 256 columns, torch, naive), against a float64 expectation built from the definition alone
+(tests/definitions.py); the kernels with small tiles and key splits in every kernel dtype; gradients (the Triton
+backward takes equal head dims up to 256: such calls are differentiated on the tiled path); the clear errors of
+SDPA's backends, which cannot run them, and explain()'s reasons."""
 
 import pytest
 import torch
@@ -9,13 +11,15 @@ import torch
 import tileattn
 import tileattn.flash_attn_compat as fa
 from tileattn.integrations.transformers import tileattn_attention_forward
+from tileattn.kernels.decode import decode_attention
+from tileattn.kernels.prefill import prefill_attention
 
-from conftest import DEVICE
+from conftest import DEVICE, KERNEL_DTYPES
 from definitions import expected
 
 # (D, D_v): unequal pairs, then equal head dims past the Triton kernels' 256.
 HEAD_DIMS = [(192, 128), (64, 32), (40, 24), (576, 512), (257, 257), (320, 320), (384, 384), (512, 512)]
-BACKENDS = ("auto", "torch", "naive")
+BACKENDS = ("auto", "triton", "torch", "naive")
 
 
 def ids(dims):
@@ -73,7 +77,7 @@ def test_attention(dims, backend, option):
 
 
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=ids)
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
 def test_views(dims, backend):
     """Non-contiguous q/k/v: [B, S, H, D] buffers seen through transpose(1, 2), v cut from a wider buffer, and
     for D_v <= D also v as the first D_v columns of k itself (MLA's latent cache)."""
@@ -95,9 +99,17 @@ def test_float64(dims, backend):
 
 
 @pytest.mark.parametrize("dims", [(192, 128), (320, 320)], ids=ids)
-def test_gradients_on_the_torch_path(dims):
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_gradients_on_the_torch_path(dims, backend):
+    """Head dims the Triton backward does not take: calls that ask for gradients run on the tiled path (explain()
+    says so), under auto and backend='triton' alike, as for a mask that requires grad."""
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 1, 4, 6, dims))
-    tileattn.attention(q, k, v, causal=True, backend="torch").square().sum().backward()
+    if backend == "triton" or (backend == "auto" and DEVICE == "cuda"):  # where it would run on Triton otherwise
+        with torch.no_grad():
+            assert tileattn.explain(q, k, v, causal=True, backend=backend).backend == "triton"
+        decision = tileattn.explain(q, k, v, causal=True, backend=backend)
+        assert decision.backend == "torch" and "the Triton backward" in decision.reason
+    tileattn.attention(q, k, v, causal=True, backend=backend).square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -119,11 +131,12 @@ def test_no_keys(dims, sinks):
 
 def test_decision_cache_tells_v_head_dims_apart():
     """q and k of one shape with v's head dim equal, then smaller: two decisions (on CPU SDPA's fused kernel for
-    the plain equal-dims call, then the tiled path); the decision cache must not hand the first to the second."""
+    the plain equal-dims call, then the tiled path; on CUDA the second one on Triton, never SDPA); the decision
+    cache must not hand the first to the second."""
     q, k, v = qkv(1, 2, 2, 16, 16, (64, 64))
     equal = tileattn.explain(q, k, v)
     unequal = tileattn.explain(q, k, v[..., :32])
-    assert unequal.backend == "torch" and "v head_dim 32" in unequal.reason
+    assert unequal.backend == ("triton" if DEVICE == "cuda" else "torch") and "v head_dim 32" in unequal.reason
     if DEVICE == "cpu":
         assert equal.backend == "sdpa_flash"
     out = tileattn.attention(q, k, v[..., :32])
@@ -201,32 +214,17 @@ def test_kvcache(dims, backend, paged, kind):
 
 # ---- errors and explain() -----------------------------------------------------------------------------------
 
-UNSUPPORTED = [((192, 128), "v head_dim 128 != q/k head_dim 192"), ((320, 320), "head_dim 320 > 256")]
+SDPA_REFUSES = [((192, 128), "v head_dim 128 != q/k head_dim 192"), ((320, 320), "head_dim 320 > 256")]
 
 
-@pytest.mark.parametrize("dims,reason", UNSUPPORTED, ids=["unequal", "over_256"])
-@pytest.mark.parametrize("backend", ["triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"])
-def test_backends_that_cannot_run_it_say_so(dims, reason, backend):
+@pytest.mark.parametrize("dims,reason", SDPA_REFUSES, ids=["unequal", "over_256"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"])
+def test_sdpa_backends_say_they_cannot_run_it(dims, reason, backend):
     q, k, v = qkv(1, 2, 2, 8, 8, dims)
     message = rf"backend='{backend}' cannot run this call.*{reason}"
     for call in (tileattn.attention, tileattn.explain):
         with pytest.raises(ValueError, match=message):
             call(q, k, v, backend=backend)
-
-
-@pytest.mark.parametrize("dims,reason", UNSUPPORTED, ids=["unequal", "over_256"])
-def test_triton_refuses_them_on_every_entry_point(dims, reason):
-    message = rf"backend='triton' cannot run this call: {reason}"
-    q, k, v = qkv(1, 2, 2, 3, 8, dims)
-    with pytest.raises(ValueError, match=message):
-        tileattn.attention(q, k, v, sinks=randn(2), backend="triton")
-    seqlens = torch.tensor([5], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match=message):
-        tileattn.attention_with_kvcache(q, k, v, seqlens, backend="triton")
-    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match=message):
-        tileattn.attention_varlen(k[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 8, 8,
-                                  backend="triton")
 
 
 def test_shape_errors_name_the_argument():
@@ -242,15 +240,65 @@ def test_shape_errors_name_the_argument():
 
 @pytest.mark.parametrize("dims", [(192, 128), (512, 512)], ids=ids)
 def test_explain(dims):
+    """auto: the Triton kernels on CUDA, the tiled path on CPU, never SDPA or the calibration (which measure equal
+    head dims up to 256 only)."""
     q, k, v = qkv(1, 4, 4, 16, 16, dims)
     decision = tileattn.explain(q, k, v)
-    assert decision.backend == "torch"
-    assert "the tiled PyTorch path runs it" in decision.reason
+    assert decision.backend == ("triton" if DEVICE == "cuda" else "torch")
+    assert "SDPA is used for equal head dims up to 256 only" in decision.reason
     assert (f"head_dim {dims[0]}" if dims[0] == dims[1] else f"with v head_dim {dims[1]}") in decision.reason
     biased = tileattn.explain(q, k, v, sinks=randn(4))
-    assert biased.backend == "torch"
-    if DEVICE == "cuda":  # the reason names the head dims; on CPU it is the device
-        assert "head_dim" in biased.reason
+    assert biased.backend == ("triton" if DEVICE == "cuda" else "torch")
+
+
+# ---- the kernels: small tiles, key splits, every kernel dtype -------------------------------------------------
+
+KERNEL_DIMS = [(192, 128), (40, 24), (24, 40), (576, 512), (320, 320), (257, 257)]
+TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dims", KERNEL_DIMS, ids=ids)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernels_with_small_tiles(dims, dtype, causal):
+    """The prefill kernel with 16 x 32 tiles (block edges in every part of the key range, several column blocks of
+    v past 256) and the decode kernel with 3 key splits (the merge over column blocks), against float64."""
+    (d, d_v), tol = dims, TOLERANCE[dtype]
+    q, k, v = (t.to(dtype) for t in qkv(1, 2, 1, 37, 45, dims))
+    window = (-1, 0 if causal else -1)
+    out, lse = prefill_attention(q, k, v, window=window, scale=d ** -0.5, return_lse=True, config=(16, 32, 4, 1))
+    ref, ref_lse = expected(q, k, v, causal=causal)
+    assert out.shape == (1, 2, 37, d_v) and out.dtype == dtype
+    close(out, lse, ref, ref_lse, tol)
+    q1 = q[:, :, -2:]  # two queries per head, 4 rows per K/V head: the decode kernel's GQA tile
+    out, lse = decode_attention(q1, k, v, None, new_tokens=45, window=window, scale=d ** -0.5, return_lse=True,
+                                num_splits=3, config=(16, 4, 1), reuse_workspace=False)
+    ref, ref_lse = expected(q1, k, v, causal=causal)
+    close(out, lse, ref, ref_lse, tol)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the tiles fitted to the GPU's shared memory")
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mla_decode_serving_shapes(heads, paged, dtype):
+    """MLA decode as DeepSeek-V3 serves it, with the tiles the plan fits to this GPU: one latent KV head of 576
+    whose value is its first 512 columns (v a view of the k cache), 16 or 128 query heads, pages of 64 tokens."""
+    b, d, d_v, page = 3, 576, 512, 64
+    lengths = [300, 1, 129]
+    q = randn(b, heads, 1, d, dtype=dtype)
+    if paged:
+        k_cache = randn(b * 5, page, 1, d, dtype=dtype).transpose(1, 2)
+        table = torch.randperm(b * 5, device=DEVICE).view(b, 5).to(torch.int32)
+    else:
+        k_cache, table = randn(b, 1, 320, d, dtype=dtype), None
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out, lse = tileattn.attention_with_kvcache(q, k_cache, k_cache[..., :d_v], seqlens, block_table=table,
+                                               return_lse=True)
+    for i, n in enumerate(lengths):
+        keys = cached_tokens(k_cache, i, n, table)
+        close(out[i:i + 1], lse[i:i + 1], *expected(q[i:i + 1], keys, keys[..., :d_v], causal=True),
+              TOLERANCE[dtype])
 
 
 # ---- integrations -------------------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ def attention(
         return (out, lse) if call.return_lse else out
 
     chosen, window, return_lse = call.backend, call.window, call.return_lse
-    if chosen == "triton" and grad and mask_grad:
-        chosen = "torch"  # the Triton backward gives no mask gradient; the tiled path differentiates through it
+    if chosen == "triton" and grad and _tiled_for_gradients(q, k, v, mask):
+        chosen = "torch"  # gradients the Triton backward cannot give: the tiled path differentiates through it
     options = dict(scale=call.scale, mask=mask, softcap=call.softcap)
     if chosen == "triton":
         from . import ops  # here: Triton need not be importable for the other backends
@@ -109,8 +109,8 @@ BIAS_BACKENDS = ("triton", "torch", "naive")
 
 
 def _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask=None):
-    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA where they take
-    v's head dim, else the tiled PyTorch path, which is also where slopes or a mask that require grad go, with
+    """The backend of a call with ALiBi slopes or sinks: ``auto`` takes the Triton kernels on CUDA, else the tiled
+    PyTorch path, which is also where slopes or a mask that require grad go, with
     ``backend="triton"`` too (the Triton backward gives q, k, v and the sinks their gradients, not the slopes or
     the mask); SDPA cannot take them."""
     if backend not in dispatch.BACKENDS:
@@ -119,9 +119,21 @@ def _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask=None):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
-    if backend in ("auto", "triton") and _needs_grad(alibi_slopes, mask):
-        return "torch"  # as attention() without biases does for a mask that requires grad
+    if backend in ("auto", "triton") and _tiled_for_gradients(q, k, v, mask, alibi_slopes, sinks):
+        return "torch"  # as attention() without biases does
     return dispatch.choose_backend(q, v, backend)
+
+
+def _tiled_for_gradients(q, k, v, mask, alibi_slopes=None, sinks=None) -> str | None:
+    """Why a call that asks for gradients the Triton backward cannot give runs on the tiled PyTorch path instead
+    (with ``backend="triton"`` too), or None: a mask or slopes that require grad, head dims outside the backward's."""
+    if _needs_grad(mask, alibi_slopes):
+        return "the slopes or the mask require grad: only the tiled PyTorch backend gives them gradients"
+    if _needs_grad(q, k, v, sinks):
+        reason = dispatch.triton_backward_head_dims_reason(q.shape[-1], v.shape[-1])
+        if reason:
+            return f"gradients are asked for and {reason}: the tiled PyTorch backend differentiates it"
+    return None
 
 
 def _needs_grad(*tensors) -> bool:
@@ -281,15 +293,17 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
     if alibi_slopes is not None or sinks is not None:
         chosen = _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask)
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
-        if chosen == "torch" and backend in ("auto", "triton") and _needs_grad(alibi_slopes, mask):
-            return dispatch.Decision(chosen, "the slopes or the mask require grad: only the tiled PyTorch backend "
-                                             "gives them gradients")
+        rerouted = backend in ("auto", "triton") and _tiled_for_gradients(q, k, v, mask, alibi_slopes, sinks)
+        if rerouted:
+            return dispatch.Decision(chosen, rerouted)
         if backend != "auto":
             return dispatch.Decision(chosen, f"requested ({backend} takes ALiBi slopes and sinks)")
         why_not = dispatch.triton_call_unsupported_reason(q, v) if q.device.type == "cuda" else "not CUDA tensors"
         where = "the Triton kernels" if chosen == "triton" else f"the tiled PyTorch backend (no Triton: {why_not})"
         return dispatch.Decision(chosen, f"ALiBi slopes and sinks run on {where}; SDPA cannot take them")
-    return _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
+    decision = _decide(q, k, v, backend, causal, mask, window, softcap, return_lse)
+    rerouted = decision.backend == "triton" and _tiled_for_gradients(q, k, v, mask)
+    return dispatch.Decision("torch", rerouted) if rerouted else decision
 
 
 def attention_varlen(

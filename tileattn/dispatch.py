@@ -2,8 +2,9 @@
 
 Backends:
   ``"triton"``       the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
-                    which is how CPU CI tests them). fp16, bf16, fp32; every feature; for now equal q/k and v
-                    head dims up to :data:`TRITON_MAX_HEAD_DIM` (``auto`` runs the other head dims on ``"torch"``).
+                    which is how CPU CI tests them). fp16, bf16, fp32; every feature and head dim (q/k up
+                    to 576, v up to 512, unequal allowed); the backward takes equal head dims up to
+                    :data:`TRITON_BACKWARD_MAX_HEAD_DIM` (``auto`` differentiates the others on ``"torch"``).
   ``"sdpa"``         PyTorch SDPA's fused kernels (``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``; on CPU
                     its fused CPU kernel), only for plain calls whose semantics match exactly (see ``sdpa``).
                     ``"sdpa"`` takes the fastest calibrated one; the three names pin one.
@@ -36,7 +37,7 @@ from . import calibration, sdpa
 
 BACKENDS = ("auto", "triton", "sdpa", *sdpa.KERNELS, "torch", "naive")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEAD_DIM = 256  # the kernels keep a whole head_dim-wide row of q and of the accumulator in registers
+TRITON_BACKWARD_MAX_HEAD_DIM = 256  # its kernels keep head_dim-wide rows of q, k, v and three accumulators on chip
 MAX_CACHED_DECISIONS = 4096
 
 log = logging.getLogger("tileattn")
@@ -101,21 +102,21 @@ def triton_unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def triton_head_dims_reason(head_dim_qk: int, head_dim_v: int) -> str | None:
-    """Why the Triton kernels cannot take these head dims, or None when they can: for now they need v's head dim
-    equal to q/k's and at most :data:`TRITON_MAX_HEAD_DIM` (the API accepts up to 576 and 512)."""
+def triton_backward_head_dims_reason(head_dim_qk: int, head_dim_v: int) -> str | None:
+    """Why the Triton backward cannot take these head dims, or None when it can: it needs v's head dim equal to
+    q/k's and at most :data:`TRITON_BACKWARD_MAX_HEAD_DIM` (the forward kernels take every head dim the API
+    accepts)."""
     if head_dim_v != head_dim_qk:
-        return (f"v head_dim {head_dim_v} != q/k head_dim {head_dim_qk} (the Triton kernels take equal head dims for "
-                "now; backend 'torch' or 'auto' runs it)")
-    if head_dim_qk > TRITON_MAX_HEAD_DIM:
-        return (f"head_dim {head_dim_qk} > {TRITON_MAX_HEAD_DIM} (the Triton kernels' limit for now; backend 'torch' "
-                "or 'auto' runs it)")
+        return f"v head_dim {head_dim_v} != q/k head_dim {head_dim_qk} (the Triton backward takes equal head dims)"
+    if head_dim_qk > TRITON_BACKWARD_MAX_HEAD_DIM:
+        return f"head_dim {head_dim_qk} > {TRITON_BACKWARD_MAX_HEAD_DIM} (the Triton backward's limit)"
     return None
 
 
 def triton_call_unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton backend cannot run a call with these q and v (device, dtype, head dims), or None."""
-    return triton_unsupported_reason(q) or triton_head_dims_reason(q.shape[-1], v.shape[-1])
+    """Why the Triton backend cannot run a call with these q and v (device, dtype), or None: the forward kernels
+    take every head dim the API accepts."""
+    return triton_unsupported_reason(q)
 
 
 def choose_backend(q: torch.Tensor, v: torch.Tensor, requested: str) -> str:
@@ -191,12 +192,16 @@ def _decide(q, k, v, requested: str, features: dict) -> Decision:
         if reason:
             raise ValueError(f"backend={requested!r} cannot run this call: {reason}")
         return Decision(requested, "requested")
-    if requested == "auto" and triton_head_dims_reason(q.shape[-1], v.shape[-1]):
-        # Neither Triton nor SDPA (tileattn uses it for the same head dims only) takes it, whatever the calibration.
+    if requested == "auto" and (q.shape[-1] != v.shape[-1] or q.shape[-1] > sdpa.MAX_HEAD_DIM):
+        # SDPA is used for equal head dims up to 256 only, and the calibration measures those only: no table.
         head_dims = (f"head_dim {q.shape[-1]}" if q.shape[-1] == v.shape[-1] else
                      f"q/k head_dim {q.shape[-1]} with v head_dim {v.shape[-1]}")
-        return Decision("torch", f"{head_dims}: the Triton kernels take equal head dims up to {TRITON_MAX_HEAD_DIM} "
-                                 "for now and SDPA is used for those only, so the tiled PyTorch path runs it")
+        reason = triton_unsupported_reason(q) if q.device.type == "cuda" else f"{q.device.type} tensors"
+        if reason is None:
+            return Decision("triton", f"{head_dims}: the Triton kernels (SDPA is used for equal head dims up to "
+                                      f"{sdpa.MAX_HEAD_DIM} only)")
+        return Decision("torch", f"{head_dims}: the tiled PyTorch path (Triton: {reason}; SDPA is used for equal "
+                                 f"head dims up to {sdpa.MAX_HEAD_DIM} only)")
     if (requested == "auto" and q.device.type == "cuda" and decode_shaped(q, k)
             and triton_unsupported_reason(q) is None):
         return Decision("triton", f"decode-shaped ({q.shape[2]} queries x {q.shape[1] // k.shape[1]} heads per K/V "

@@ -13,6 +13,7 @@ import torch
 
 from .cache import write_kv
 from .kernels.backward import attention_backward
+from .kernels.common import output_like
 from .kernels.decode import decode_attention, decode_plan
 from .kernels.prefill import prefill_attention, prefill_attention_varlen, prefill_plan
 
@@ -33,7 +34,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 @prefill.register_fake
 def _(q, k, v, mask, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
-    return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+    return output_like(q, v.shape[-1]), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("tileattn::prefill_backward", mutates_args=())
@@ -93,7 +94,7 @@ def prefill_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 @prefill_varlen.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
       return_lse, alibi_slopes, sinks):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
+    return output_like(q, v.shape[-1]), q.new_empty((q.shape[1], q.shape[0]) if return_lse else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("tileattn::decode", mutates_args=())
@@ -112,7 +113,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
 @decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, window_left, window_right, softcap,
       return_lse, num_splits, alibi_slopes, sinks):
-    return torch.empty_like(q), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+    return output_like(q, v_cache.shape[-1]), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
 
 
 def _result(out, lse, return_lse):

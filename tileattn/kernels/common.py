@@ -37,6 +37,36 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# Head dims past 256 do not fit a register-resident q row and accumulator: q @ k^T is summed over head-dim chunks of
+# QK_CHUNK_WIDTH columns (q reloaded per chunk, from L1/L2), and the output's columns are cut into blocks of at most
+# MAX_BLOCK_DV, one program each (they recompute the same scores).
+QK_CHUNK_WIDTH = 64
+MAX_BLOCK_DV = 256
+
+
+def qk_head_dim_tiling(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_D, QK_CHUNKS)`` for a q/k head dim: the whole padded row in one chunk up to 256, else chunks of
+    128 (head dims divisible by 128) or :data:`QK_CHUNK_WIDTH` columns, the last one masked where they do not
+    divide it."""
+    if head_dim <= 256:
+        return max(16, next_power_of_2(head_dim)), 1
+    width = 128 if head_dim % 128 == 0 else QK_CHUNK_WIDTH
+    return width, cdiv(head_dim, width)
+
+
+def v_head_dim_tiling(head_dim_v: int) -> tuple[int, int]:
+    """``(BLOCK_DV, DV_BLOCKS)``: output columns per program and programs per output row."""
+    block_dv = min(max(16, next_power_of_2(head_dim_v)), MAX_BLOCK_DV)
+    return block_dv, cdiv(head_dim_v, block_dv)
+
+
+def output_like(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """The output of a call: q's memory layout when v's head dim equals q's, else contiguous ``[..., D_v]``."""
+    if q.shape[-1] == head_dim_v:
+        return torch.empty_like(q)
+    return q.new_empty((*q.shape[:-1], head_dim_v))
+
+
 def needs_int64_index(*tensors) -> bool:
     """Whether an element offset inside one of these views may reach 2^31, so that the kernels must compute token
     offsets (index x stride) in 64 bits (``INT64_INDEX``). A view's offsets from its data pointer stay below its
@@ -98,16 +128,17 @@ def key_block_ranges(
 @triton.jit
 def load_tile(ptrs, idx_s, idx_d, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CHECK_S: tl.constexpr):
-    """Load a Q/K/V tile whose sequence and head-dim indices broadcast as ``idx_s``, ``idx_d``.
-    Bounds are checked only where they can fail, so interior tiles of a power-of-two head dim
-    are plain unmasked (vectorized) loads; padded head-dim columns and rows past ``seqlen`` read 0."""
+    """Load a Q/K/V tile whose sequence and head-dim indices broadcast as ``idx_s``, ``idx_d`` (a chunk of
+    ``BLOCK_D`` columns of a ``HEAD_DIM``-wide row). Bounds are checked only where they can fail, so interior tiles
+    of a head dim that the chunks divide are plain unmasked (vectorized) loads; padded head-dim columns and rows
+    past ``seqlen`` read 0."""
     if CHECK_S:
-        if BLOCK_D == HEAD_DIM:
+        if HEAD_DIM % BLOCK_D == 0:
             tile = tl.load(ptrs, mask=idx_s < seqlen, other=0.0)
         else:
             tile = tl.load(ptrs, mask=(idx_s < seqlen) & (idx_d < HEAD_DIM), other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
+        if HEAD_DIM % BLOCK_D == 0:
             tile = tl.load(ptrs)
         else:
             tile = tl.load(ptrs, mask=idx_d < HEAD_DIM, other=0.0)
@@ -165,14 +196,14 @@ def online_softmax_step(s, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
-def initial_state(sinks_ptrs, rows_ok, with_sink, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def initial_state(sinks_ptrs, rows_ok, with_sink, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_SINKS: tl.constexpr):
     """``(acc, m_i, l_i)`` before any key. With ``HAS_SINKS`` and ``with_sink`` (a scalar: the split that counts
     the sink) each row starts from its head's sink (``sinks_ptrs``, ``[M]`` pointers, read where ``rows_ok``): a key
     of logit ``sink`` and value 0, so ``(m, l) = (sink, 1)`` in log2 units; a row that then sees no key gives 0 and
     lse = sink. A NaN or ``+inf`` sink starts ``l`` at NaN (its rows are NaN, as for a NaN or ``+inf`` logit);
     ``-inf`` is no sink."""
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if HAS_SINKS:
         sink = tl.load(sinks_ptrs, mask=rows_ok, other=float("-inf")).to(tl.float32) * LOG2E
         sink = tl.where(with_sink, sink, float("-inf"))
@@ -197,19 +228,24 @@ def finalize(acc, m_i, l_i):
 
 @triton.jit
 def _attend_key_blocks(
-    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi,
-    start_n, end_n, q_pos, offs_n, offs_d,
-    stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi,
+    start_n, end_n, q_pos, offs_n, offs_d, dv_idx,
+    stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_CHUNKS: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
 
-    ``q`` is ``[M, BLOCK_D]``; ``q_pos`` the query position (0..Sq-1) of each of its rows.
-    ``k_base`` (``[BLOCK_D, 1]``) and ``v_base`` (``[1, BLOCK_D]``) point at key 0 of this K/V head;
+    With ``QK_CHUNKS == 1``, ``q`` is the ``[M, BLOCK_D]`` query tile (registers); with more, ``q`` holds the
+    ``[M, BLOCK_D]`` pointers of its first head-dim chunk, and each key block sums ``q @ k^T`` over the chunks,
+    reloading q's (rows ``q_rows < q_rows_end``; chunk ``c`` is ``c * BLOCK_D * stride_qd`` further, K's
+    ``c * BLOCK_D * stride_kd``). ``q_pos`` is the query position (0..Sq-1) of each row.
+    ``k_base`` (``[BLOCK_D, 1]``) points at key 0 of this K/V head's first chunk, ``v_base`` (``[1, BLOCK_DV]``) at
+    key 0's output columns ``dv_idx`` (a block of the ``HEAD_DIM_V`` value columns), the columns of ``acc``;
     key ``j`` lives ``j * stride`` further, or when paged in page ``block_table[j // page_size]`` at
     slot ``j % page_size`` (``PAGED_PER_TILE`` when ``page_size % BLOCK_N == 0``, else ``PAGED_PER_KEY``). ``EDGE`` blocks are masked elementwise by window and length; the
     others are visible to every row and skip that work. ``mask_base`` is the user mask at key 0: ``[M, 1]``
@@ -234,9 +270,20 @@ def _attend_key_blocks(
         else:
             k_offs = cols * stride_kn
             v_offs = cols * stride_vn
-        # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for q @ k^T.
-        k = load_tile(k_base + k_offs[None, :], cols[None, :], offs_d[:, None], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for q @ k^T; one chunk, or the sum over the chunks.
+        for c in tl.static_range(QK_CHUNKS):
+            dims = c * BLOCK_D + offs_d
+            k = load_tile(k_base + c * BLOCK_D * stride_kd + k_offs[None, :], cols[None, :], dims[:, None], seqlen_k,
+                          HEAD_DIM, BLOCK_D, EDGE)
+            if QK_CHUNKS == 1:
+                q_chunk = q
+            else:
+                q_chunk = load_tile(q + c * BLOCK_D * stride_qd, q_rows[:, None], dims[None, :], q_rows_end, HEAD_DIM,
+                                    BLOCK_D, True)
+            if c == 0:
+                qk = tl.dot(q_chunk, k, input_precision=DOT_PRECISION)
+            else:
+                qk = tl.dot(q_chunk, k, qk, input_precision=DOT_PRECISION)
         s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
         if HAS_ALIBI:
             s -= alibi[:, None] * tl.abs(cols[None, :] - (q_pos[:, None] + diag)).to(tl.float32)
@@ -255,18 +302,19 @@ def _attend_key_blocks(
                                  HAS_RIGHT)
             s = tl.where(visible, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
-        v = load_tile(v_base + v_offs[:, None], cols[:, None], offs_d[None, :], seqlen_k, HEAD_DIM, BLOCK_D, EDGE)
+        v = load_tile(v_base + v_offs[:, None], cols[:, None], dv_idx[None, :], seqlen_k, HEAD_DIM_V, BLOCK_DV, EDGE)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
 def attend_keys(
-    acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi,
-    lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d,
-    stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi,
+    lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d, dv_idx,
+    stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_CHUNKS: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
@@ -285,9 +333,9 @@ def attend_keys(
             start_n = full_hi
             end_n = hi
         acc, m_i, l_i = _attend_key_blocks(
-            acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi, start_n, end_n, q_pos, offs_n, offs_d,
-            stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
-            seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-            HEAD_DIM, BLOCK_D, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
+            acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi, start_n, end_n, q_pos,
+            offs_n, offs_d, dv_idx, stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage,
+            page_size, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+            HEAD_DIM, BLOCK_D, QK_CHUNKS, HEAD_DIM_V, BLOCK_DV, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
             PAGED, INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
     return acc, m_i, l_i

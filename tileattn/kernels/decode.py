@@ -12,6 +12,9 @@ per (sequence, head) leaves most SMs idle when the batch is small. So:
 
 With ``num_splits == 1`` the kernel writes the final output directly. Either way a call is one launch
 (host time is as much of a decode step's cost as GPU time at small batch).
+
+Head dims as in the prefill kernel: q/k's and v's may differ; past 256, ``q @ k^T`` is summed over head-dim chunks
+and v's columns are cut into blocks, one program each (the grid's third axis is row blocks x column blocks).
 """
 
 import functools
@@ -23,38 +26,36 @@ import triton.language as tl
 
 from .common import (
     LOG2E, MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, initial_state,
-    key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
+    key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2, output_like,
+    qk_head_dim_tiling, v_head_dim_tiling,
 )
 from .launch import Launch, Launcher, PlanCache
 
 
 @triton.jit
-def _write_new_tokens(
-    KNew, VNew, K, V, block_table, off_b, off_hkv, first, last, cached, offs_d,
-    stride_knb, stride_knh, stride_knm, stride_knd, stride_vnb, stride_vnh, stride_vnm, stride_vnd,
-    stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, page_size,
+def _write_new_rows(
+    New, Cache, block_table, off_b, off_hkv, first, last, cached,
+    stride_nb, stride_nh, stride_nm, stride_nd, stride_cb, stride_ch, stride_cn, stride_cd, page_size,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, PAGED: tl.constexpr,
 ):
-    """Copy the new tokens that belong at cache positions ``first .. last - 1`` (token ``pos - cached`` of
-    ``k_new``/``v_new``) into the cache: row ``b`` of a contiguous cache, or page ``block_table[pos // page_size]``,
-    slot ``pos % page_size``. 64-bit offsets."""
+    """Copy the new tokens (``k_new`` or ``v_new``: ``New``) that belong at cache positions ``first .. last - 1``
+    (token ``pos - cached``) into ``Cache``: row ``b`` of a contiguous cache, or page ``block_table[pos //
+    page_size]``, slot ``pos % page_size``; ``HEAD_DIM`` columns in chunks of ``BLOCK_D``. 64-bit offsets."""
+    offs_d = tl.arange(0, BLOCK_D)
     for start in range(first, last, BLOCK_W):
         pos = (start + tl.arange(0, BLOCK_W)).to(tl.int64)
-        ok = (pos < last)[:, None] & (offs_d < HEAD_DIM)[None, :]
         token = pos - cached
         if PAGED != NOT_PAGED:
             page = tl.load(block_table + pos // page_size, mask=pos < last, other=0).to(tl.int64)
-            k_dst = page * stride_kb + (pos % page_size) * stride_kn
-            v_dst = page * stride_vb + (pos % page_size) * stride_vn
+            dst = page * stride_cb + (pos % page_size) * stride_cn
         else:
-            k_dst = off_b * stride_kb + pos * stride_kn
-            v_dst = off_b * stride_vb + pos * stride_vn
-        k = tl.load(KNew + off_b * stride_knb + off_hkv * stride_knh + token[:, None] * stride_knm
-                    + offs_d[None, :] * stride_knd, mask=ok)
-        v = tl.load(VNew + off_b * stride_vnb + off_hkv * stride_vnh + token[:, None] * stride_vnm
-                    + offs_d[None, :] * stride_vnd, mask=ok)
-        tl.store(K + off_hkv * stride_kh + k_dst[:, None] + offs_d[None, :] * stride_kd, k, mask=ok)
-        tl.store(V + off_hkv * stride_vh + v_dst[:, None] + offs_d[None, :] * stride_vd, v, mask=ok)
+            dst = off_b * stride_cb + pos * stride_cn
+        for c in tl.static_range((HEAD_DIM + BLOCK_D - 1) // BLOCK_D):
+            dims = c * BLOCK_D + offs_d
+            ok = (pos < last)[:, None] & (dims < HEAD_DIM)[None, :]
+            x = tl.load(New + off_b * stride_nb + off_hkv * stride_nh + token[:, None] * stride_nm
+                        + dims[None, :] * stride_nd, mask=ok)
+            tl.store(Cache + off_hkv * stride_ch + dst[:, None] + dims[None, :] * stride_cd, x, mask=ok)
 
 
 @triton.jit
@@ -73,7 +74,8 @@ def _decode_kernel(
     num_heads_kv, group_size, seqlen_q, new_tokens, capacity, num_splits, keys_per_split, page_size,
     window_left, window_right,
     sm_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_CHUNKS: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, APPEND: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -89,9 +91,16 @@ def _decode_kernel(
         cached = tl.load(CacheSeqlens + off_b)
         seqlen_k = tl.minimum(seqlen_k + cached, capacity)
 
-    # Row r of this program is query token r % Sq of query head hkv * G + r // Sq.
+    # Row r of this program is query token r % Sq of query head hkv * G + r // Sq; the third grid axis is
+    # (block of output columns, block of rows).
+    row_block = tl.program_id(2)
+    dv_block = 0
+    if HEAD_DIM_V > BLOCK_DV:
+        row_blocks = tl.cdiv(group_size * seqlen_q, BLOCK_M)
+        dv_block = row_block // row_blocks
+        row_block = row_block % row_blocks
     offs_m = tl.arange(0, BLOCK_M)
-    rows = tl.program_id(2) * BLOCK_M + offs_m
+    rows = row_block * BLOCK_M + offs_m
     q_pos = rows % seqlen_q
     if INT64_INDEX:  # token x stride may pass 2^31
         q_pos = q_pos.to(tl.int64)
@@ -99,16 +108,21 @@ def _decode_kernel(
     row_ok = rows < group_size * seqlen_q
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_idx = dv_block * BLOCK_DV + offs_dv  # this program's output columns
     q_ptrs = (Q + off_b * stride_qb + heads[:, None] * stride_qh + q_pos[:, None] * stride_qm
               + offs_d[None, :] * stride_qd)
-    q = load_tile(q_ptrs, rows[:, None], offs_d[None, :], group_size * seqlen_q, HEAD_DIM, BLOCK_D, True)
+    if QK_CHUNKS == 1:
+        q = load_tile(q_ptrs, rows[:, None], offs_d[None, :], group_size * seqlen_q, HEAD_DIM, BLOCK_D, True)
+    else:  # reloaded chunk by chunk for each key block
+        q = q_ptrs
 
     if PAGED != NOT_PAGED:  # key j is in page block_table[b, j // page_size], slot j % page_size
         k_base = K + off_hkv * stride_kh + offs_d[:, None] * stride_kd
-        v_base = V + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+        v_base = V + off_hkv * stride_vh + dv_idx[None, :] * stride_vd
     else:
         k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd
-        v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+        v_base = V + off_b * stride_vb + off_hkv * stride_vh + dv_idx[None, :] * stride_vd
     block_table = BlockTable + off_b * stride_bt
     mask_base = Mask
     if MASK_KIND != MASK_NONE:
@@ -119,7 +133,7 @@ def _decode_kernel(
 
     # Rows span the heads of a group: a slope and a sink per row. Only split 0 starts from the sink (the merge
     # would count it once per split otherwise).
-    acc, m_i, l_i = initial_state(Sinks + heads, row_ok, split == 0, BLOCK_M, BLOCK_D, HAS_SINKS)
+    acc, m_i, l_i = initial_state(Sinks + heads, row_ok, split == 0, BLOCK_M, BLOCK_DV, HAS_SINKS)
     alibi = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         alibi += tl.load(Alibi + off_b * stride_ab + heads, mask=row_ok, other=0.0) * LOG2E
@@ -136,20 +150,24 @@ def _decode_kernel(
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     if APPEND:
         # The new tokens (k_new/v_new) go into the cache in the same launch: each program writes those that fall
-        # in its own split's key range (programs of other row blocks write the same bytes), so every key a
-        # program reads below was written by itself; the barrier makes its threads' writes visible to all of them.
-        _write_new_tokens(
-            KNew, VNew, K, V, block_table, off_b, off_hkv, tl.maximum(tl.maximum(cached, split_lo), 0),
-            tl.minimum(seqlen_k, split_hi), cached, offs_d,
-            stride_knb, stride_knh, stride_knm, stride_knd, stride_vnb, stride_vnh, stride_vnm, stride_vnd,
-            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, page_size,
-            HEAD_DIM, BLOCK_D, 16, PAGED)
+        # in its own split's key range, whole rows (programs of other row or column blocks write the same bytes),
+        # so every key a program reads below was written by itself; the barrier makes its threads' writes visible
+        # to all of them.
+        first_new = tl.maximum(tl.maximum(cached, split_lo), 0)
+        last_new = tl.minimum(seqlen_k, split_hi)
+        _write_new_rows(KNew, K, block_table, off_b, off_hkv, first_new, last_new, cached,
+                        stride_knb, stride_knh, stride_knm, stride_knd, stride_kb, stride_kh, stride_kn, stride_kd,
+                        page_size, HEAD_DIM, BLOCK_D, 16, PAGED)
+        _write_new_rows(VNew, V, block_table, off_b, off_hkv, first_new, last_new, cached,
+                        stride_vnb, stride_vnh, stride_vnm, stride_vnd, stride_vb, stride_vh, stride_vn, stride_vd,
+                        page_size, HEAD_DIM_V, BLOCK_DV, 16, PAGED)
         tl.debug_barrier()
     acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, k_base, v_base, mask_base, block_table, alibi, lo, full_lo, full_hi, hi, q_pos, offs_n,
-        offs_d, stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
+        acc, m_i, l_i, q, rows, group_size * seqlen_q, k_base, v_base, mask_base, block_table, alibi,
+        lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d, dv_idx,
+        stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,
+        HEAD_DIM, BLOCK_D, QK_CHUNKS, HEAD_DIM_V, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,
         DOT_PRECISION, HAS_ALIBI)
     out, lse = finalize(acc, m_i, l_i)
 
@@ -157,12 +175,12 @@ def _decode_kernel(
         # Each split stores its partial result (normalized, with its LSE) in this tile's slots of the workspace,
         # and counts itself done; the last split of the tile to finish merges all of them (one launch, no
         # combine kernel) and zeroes the counter for the next launch. The workspace holds every partial
-        # output [tiles, splits, BLOCK_M, BLOCK_D], then every partial LSE [tiles, splits, BLOCK_M].
+        # output [tiles, splits, BLOCK_M, BLOCK_DV], then every partial LSE [tiles, splits, BLOCK_M].
         tile = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64)
         PartOut = Workspace
-        PartLse = Workspace + (tl.num_programs(1) * tl.num_programs(2)).to(tl.int64) * num_splits * BLOCK_M * BLOCK_D
+        PartLse = Workspace + (tl.num_programs(1) * tl.num_programs(2)).to(tl.int64) * num_splits * BLOCK_M * BLOCK_DV
         part = (tile * num_splits + split) * BLOCK_M + offs_m
-        tl.store(PartOut + part[:, None] * BLOCK_D + offs_d[None, :], out)
+        tl.store(PartOut + part[:, None] * BLOCK_DV + offs_dv[None, :], out)
         tl.store(PartLse + part, lse)
         tl.debug_barrier()  # every thread's partial is written before the release below publishes them
         if tl.atomic_add(SplitsDone + tile, 1, sem="acq_rel") != num_splits - 1:
@@ -170,12 +188,13 @@ def _decode_kernel(
         first = tile * num_splits * BLOCK_M + offs_m
         lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        out = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         # Online merge by LSE; .cg reads L2, where the other splits wrote. Unrolled: the loads of several splits
         # are in flight at once instead of one L2 round trip per split on the tail of the launch.
         for s in tl.range(0, num_splits, loop_unroll_factor=4):
             lse_s = tl.load(PartLse + first + s * BLOCK_M, cache_modifier=".cg")
-            out_s = tl.load(PartOut + (first + s * BLOCK_M)[:, None] * BLOCK_D + offs_d[None, :], cache_modifier=".cg")
+            out_s = tl.load(PartOut + (first + s * BLOCK_M)[:, None] * BLOCK_DV + offs_dv[None, :],
+                            cache_modifier=".cg")
             new_max = tl.maximum(lse_max, lse_s)
             use_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no split has seen a key yet: weights 0
             alpha = tl.exp(lse_max - use_max)
@@ -189,9 +208,9 @@ def _decode_kernel(
         tl.store(SplitsDone + tile, 0)
 
     o_ptrs = (Out + off_b * stride_ob + heads[:, None] * stride_oh + q_pos[:, None] * stride_om
-              + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    if RETURN_LSE:
+              + dv_idx[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv_idx < HEAD_DIM_V)[None, :])
+    if RETURN_LSE and dv_block == 0:  # every column block computes the same lse
         tl.store(Lse + off_b * stride_lb + heads * stride_lh + q_pos * stride_lm, lse, mask=row_ok)
 
 
@@ -216,18 +235,24 @@ def choose_config(batch: int, kv_heads: int, row_blocks: int, sm_count: int, pag
     return _SMALL_GRID_CONFIG if page_size % _SMALL_GRID_CONFIG[0] == 0 else _SMALL_GRID_SMALL_PAGES_CONFIG
 
 
-def fit_config(config, block_m: int, block_d: int, elem_size: int, masked: bool, budget: int):
+def fit_config(config, block_m: int, block_d: int, elem_size: int, masked: bool, budget: int, k_width: int = 0,
+               block_dv: int = 0):
     """Adapt the tile to the call. Masked tiles of 32 rows or more take 64-key blocks: at 32 x 128 and beyond the
     masked score tile spills registers (2-5x slower; NOTES.md, decode route). Then halve the key block, down to
     16, until the K/V pipeline stages, the Q tile and (with a mask) the fp32 score tile Triton stages through
     shared memory fit ``budget`` bytes, and only then drop stages. The tuned tiles fit as they are up to D = 128
-    in 2-byte types on Hopper; D = 256 and fp32 need this (Triton rejects the launch otherwise)."""
+    in 2-byte types on Hopper; D = 256 and fp32 need this (Triton rejects the launch otherwise). A stage holds a
+    key block's ``k_width`` K columns (every chunk) and ``block_dv`` V columns (both ``block_d`` by default); the
+    Q tile counts all ``k_width`` columns too (with chunked head dims, 576/512 at 128 query heads asked Triton
+    for exactly that much, 64 KB more than counting one chunk, and failed to launch before)."""
     block_n, num_warps, num_stages = config
+    k_width, block_dv = k_width or block_d, block_dv or block_d
     if masked and block_m >= 32:
         block_n = min(block_n, 64)
 
     def needed():
-        return (2 * block_n * num_stages + block_m) * block_d * elem_size + (block_m * block_n * 4 if masked else 0)
+        return ((block_n * num_stages * (k_width + block_dv) + block_m * k_width) * elem_size
+                + (block_m * block_n * 4 if masked else 0))
 
     while block_n > 16 and needed() > budget:
         block_n //= 2
@@ -264,22 +289,25 @@ _decode = Launcher(_decode_kernel)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, page_size, mask_kind, mask_per_key,
-          window, softcap, has_seqlens, append, return_lse, int64_index, config, alibi=False, sinks=False):
+def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, dtype, device_index, page_size, mask_kind,
+          mask_per_key, window, softcap, has_seqlens, append, return_lse, int64_index, config, alibi=False,
+          sinks=False):
     """What a launch needs that depends only on the call's signature (not on the cache length):
-    ``(block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs)``, where
+    ``(block_m, block_dv, row_blocks, dv_blocks, block_n, num_warps, num_stages, sm_count, constexprs)``, where
     ``constexprs[split]`` is the constexpr tuple without or with the split merge. ``device_index`` is None under
     the interpreter; ``page_size`` 0 means a contiguous cache."""
     group = heads_q // heads_kv
-    block_d = max(16, next_power_of_2(head_dim))
+    block_d, qk_chunks = qk_head_dim_tiling(head_dim)
+    block_dv, dv_blocks = v_head_dim_tiling(head_dim_v)
     block_m = min(64, max(16, next_power_of_2(group * seqlen_q)))
     row_blocks = cdiv(group * seqlen_q, block_m)
     if device_index is None:
         sm_count, config = 4, config or _INTERPRETER_CONFIG
     else:
         sm_count, shared_memory = _device_limits(device_index)
-        config = config or fit_config(choose_config(batch, heads_kv, row_blocks, sm_count, page_size), block_m,
-                                      block_d, dtype.itemsize, mask_kind != MASK_NONE.value, shared_memory)
+        config = config or fit_config(choose_config(batch, heads_kv, row_blocks * dv_blocks, sm_count, page_size),
+                                      block_m, block_d, dtype.itemsize, mask_kind != MASK_NONE.value, shared_memory,
+                                      block_d * qk_chunks, block_dv)
     block_n, num_warps, num_stages = config
     if page_size == 0:
         paging = NOT_PAGED.value
@@ -287,12 +315,12 @@ def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, dtype, device_index, pag
         paging = (PAGED_PER_TILE if page_size % block_n == 0 else PAGED_PER_KEY).value
     left, right = window
     by_split = {split: _decode.constexprs(
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key,
-        HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, APPEND=append, SPLIT=split, RETURN_LSE=return_lse,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, QK_CHUNKS=qk_chunks, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
+        MASK_PER_KEY=mask_per_key, HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, APPEND=append, SPLIT=split, RETURN_LSE=return_lse,
         INT64_INDEX=int64_index, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_ALIBI=alibi,
         HAS_SINKS=sinks) for split in (False, True)}
-    return block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, by_split
+    return block_m, block_dv, row_blocks, dv_blocks, block_n, num_warps, num_stages, sm_count, by_split
 
 
 class _Workspace:
@@ -340,11 +368,12 @@ def decode_attention(
     Inputs are already validated (see :func:`tileattn.attention_with_kvcache`).
     Args:
         q: ``[B, Hq, Sq, D]``, any strides.
-        k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]`` or, with ``block_table`` ``[B, max_pages]`` int32,
-            paged ``[num_pages, Hkv, page_size, D]``; any strides.
+        k_cache, v_cache: contiguous ``[B, Hkv, S_max, D]`` / ``[B, Hkv, S_max, D_v]`` or, with ``block_table``
+            ``[B, max_pages]`` int32, paged ``[num_pages, Hkv, page_size, D or D_v]``; any strides. D up to 576,
+            D_v up to 512.
         cache_seqlens: int32 ``[B]``; new_tokens: tokens appended to the cache for this call (0 or Sq). With
             ``cache_seqlens`` None, every sequence has exactly ``new_tokens`` keys (a plain attention call).
-        k_new, v_new: optional ``[B, Hkv, Sq, D]``, written by this launch into the cache at positions
+        k_new, v_new: optional ``[B, Hkv, Sq, D]`` / ``[B, Hkv, Sq, D_v]``, written by this launch into the cache at positions
             ``cache_seqlens[b] ..`` (needs ``cache_seqlens`` and ``new_tokens = Sq``); positions past the capacity
             are not written. Without them, the new tokens must already be in the cache.
         window: ``(left, right)``, -1 unbounded, causal folded in as ``right = 0``.
@@ -358,7 +387,8 @@ def decode_attention(
         seq_first: q, the caches, k_new, v_new and out are ``[B, S, H, D]`` (flash-attn's order: the kernel only
             needs their strides, so no transposed views are made per call); ``mask`` is not supported then.
     Returns:
-        ``(out [B, Hq, Sq, D] like q, lse fp32 [B, Hq, Sq] or None)``; ``out [B, Sq, Hq, D]`` with ``seq_first``.
+        ``(out [B, Hq, Sq, D_v] like q (contiguous when D_v != D), lse fp32 [B, Hq, Sq] or None)``;
+        ``out [B, Sq, Hq, D_v]`` with ``seq_first``.
     """
     # The kernel reads one length per sequence and a row of page ids at unit stride.
     if cache_seqlens is not None and cache_seqlens.stride(0) != 1:
@@ -392,7 +422,7 @@ class DecodePlan(NamedTuple):
             alibi_slopes=None, sinks=None, reuse_workspace=True):
         """``(out, lse or None)`` as :func:`decode_attention` returns them; the tensors at unit stride where it
         needs them (see there)."""
-        out = torch.empty_like(q)  # the layout the plan saw: empty_like keeps a dense tensor's dimension order
+        out = output_like(q, v_cache.shape[-1])  # the layout the plan saw (decode_plan allocates the same way)
         if self.return_lse:
             lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if self.seq_first else q.shape[:3]
             lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
@@ -414,7 +444,7 @@ def decode_plan(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=N
                 k_new=None, v_new=None, seq_first=False) -> DecodePlan:
     """The :class:`DecodePlan` of a :func:`decode_attention` call (its arguments, tensors already at the unit
     strides it needs), cached by signature."""
-    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
+    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.shape[-1], v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
            None if k_new is None else (k_new.stride(), v_new.stride()),
@@ -423,10 +453,11 @@ def decode_plan(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=N
     plan = _plans.get(key)
     if plan is None:
         heads_first = (lambda t: None if t is None else t.transpose(1, 2)) if seq_first else (lambda t: t)
-        plan = DecodePlan(*_prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), block_table, mask,
-                                    cache_seqlens is not None, heads_first(k_new), heads_first(v_new), new_tokens,
-                                    tuple(window), scale, softcap, return_lse, num_splits, config, alibi_slopes,
-                                    sinks is not None), return_lse, seq_first)
+        out = heads_first(output_like(q, v_cache.shape[-1]))  # the strides every call's output will have
+        plan = DecodePlan(*_prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), out, block_table,
+                                    mask, cache_seqlens is not None, heads_first(k_new), heads_first(v_new),
+                                    new_tokens, tuple(window), scale, softcap, return_lse, num_splits, config,
+                                    alibi_slopes, sinks is not None), return_lse, seq_first)
         _plans.remember(key, plan)
     return plan
 
@@ -434,9 +465,10 @@ def decode_plan(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=N
 _plans = PlanCache()  # by call signature
 
 
-def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, new_tokens, window, scale, softcap,
-             return_lse, num_splits, config, alibi_slopes=None, has_sinks=False):
-    """``(Launch, num_splits, workspace floats, tiles)`` for a call of this signature."""
+def _prepare(q, k_cache, v_cache, out, block_table, mask, has_seqlens, k_new, v_new, new_tokens, window, scale,
+             softcap, return_lse, num_splits, config, alibi_slopes=None, has_sinks=False):
+    """``(Launch, num_splits, workspace floats, tiles)`` for a call of this signature (``out``: an output of the
+    layout every call's will have)."""
     b, hq, sq, d = q.shape
     hkv = k_cache.shape[1]
     paged = block_table is not None
@@ -445,18 +477,17 @@ def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, 
         mask, placeholder=q, row_dims=(1, 2))
     device = q.device
     large = needs_int64_index(q, k_cache, v_cache) or (mask is not None and needs_int64_index(mask_arg))
-    block_m, block_d, row_blocks, block_n, num_warps, num_stages, sm_count, constexprs = _plan(
-        b, hq, hkv, sq, d, q.dtype, None if device.type == "cpu" else device.index, k_cache.shape[2] if paged else 0,
+    block_m, block_dv, row_blocks, dv_blocks, block_n, num_warps, num_stages, sm_count, constexprs = _plan(
+        b, hq, hkv, sq, d, v_cache.shape[-1], q.dtype, None if device.type == "cpu" else device.index, k_cache.shape[2] if paged else 0,
         mask_kind, mask_per_key, window, softcap is not None, has_seqlens, k_new is not None, return_lse, large,
         None if config is None else tuple(config), alibi_slopes is not None, has_sinks)
     if num_splits <= 0:
-        num_splits = choose_num_splits(b, hkv, row_blocks, capacity, sm_count, block_n, paged)
+        num_splits = choose_num_splits(b, hkv, row_blocks * dv_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
     num_splits = cdiv(capacity, keys_per_split)  # no split left empty by the rounding
-    out = torch.empty_like(q)  # the strides every call's output will have (empty_like follows q's layout)
     lse_strides = (hq * sq, sq, 1) if return_lse else out.stride()[:3]
     launch = _decode.prepare(
-        (num_splits, b * hkv, row_blocks),
+        (num_splits, b * hkv, row_blocks * dv_blocks),
         (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *lse_strides,
          block_table.stride(0) if paged else 0, *mask_strides,
          *(k_new.stride() if k_new is not None else (0,) * 4), *(v_new.stride() if v_new is not None else (0,) * 4),
@@ -464,5 +495,5 @@ def _prepare(q, k_cache, v_cache, block_table, mask, has_seqlens, k_new, v_new, 
          hkv, hq // hkv, sq, new_tokens, capacity, num_splits, keys_per_split, k_cache.shape[2] if paged else 1,
          max(window[0], 0), max(window[1], 0)),
         (scale, softcap or 1.0), constexprs[num_splits > 1], num_warps, num_stages)
-    tiles = b * hkv * row_blocks
-    return launch, num_splits, tiles * num_splits * block_m * (block_d + 1), tiles
+    tiles = b * hkv * row_blocks * dv_blocks
+    return launch, num_splits, tiles * num_splits * block_m * (block_dv + 1), tiles
