@@ -262,7 +262,7 @@ TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 2e-5}
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_kernels_with_small_tiles(dims, dtype, causal):
     """The prefill kernel with 16 x 32 tiles (block edges in every part of the key range, several column blocks of
-    v past 256) and the decode kernel with 3 key splits (the merge over column blocks), against float64."""
+    v past 256) and the decode kernel with 3 key splits, with one or several column blocks, against float64."""
     (d, d_v), tol = dims, TOLERANCE[dtype]
     q, k, v = (t.to(dtype) for t in qkv(1, 2, 1, 37, 45, dims))
     window = (-1, 0 if causal else -1)
@@ -270,11 +270,14 @@ def test_kernels_with_small_tiles(dims, dtype, causal):
     ref, ref_lse = expected(q, k, v, causal=causal)
     assert out.shape == (1, 2, 37, d_v) and out.dtype == dtype
     close(out, lse, ref, ref_lse, tol)
-    q1 = q[:, :, -2:]  # two queries per head, 4 rows per K/V head: the decode kernel's GQA tile
-    out, lse = decode_attention(q1, k, v, None, new_tokens=45, window=window, scale=d ** -0.5, return_lse=True,
-                                num_splits=3, config=(16, 4, 1), reuse_workspace=False)
-    ref, ref_lse = expected(q1, k, v, causal=causal)
-    close(out, lse, ref, ref_lse, tol)
+    # 2 queries per head (a 16-row tile holding all of v's columns), then 20 (40 rows: a 64-row tile whose output
+    # is split in 256-column blocks past 256, each program merging its own splits).
+    for queries in (2, 20):
+        q1 = q[:, :, -queries:]
+        out, lse = decode_attention(q1, k, v, None, new_tokens=45, window=window, scale=d ** -0.5, return_lse=True,
+                                    num_splits=3, config=(16, 4, 1), reuse_workspace=False)
+        ref, ref_lse = expected(q1, k, v, causal=causal)
+        close(out, lse, ref, ref_lse, tol)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the tiles fitted to the GPU's shared memory")

@@ -54,9 +54,9 @@ def qk_head_dim_tiling(head_dim: int) -> tuple[int, int]:
     return width, cdiv(head_dim, width)
 
 
-def v_head_dim_tiling(head_dim_v: int) -> tuple[int, int]:
-    """``(BLOCK_DV, DV_BLOCKS)``: output columns per program and programs per output row."""
-    block_dv = min(max(16, next_power_of_2(head_dim_v)), MAX_BLOCK_DV)
+def v_head_dim_tiling(head_dim_v: int, max_block: int = MAX_BLOCK_DV) -> tuple[int, int]:
+    """``(BLOCK_DV, DV_BLOCKS)``: output columns per program (at most ``max_block``) and programs per output row."""
+    block_dv = min(max(16, next_power_of_2(head_dim_v)), max_block)
     return block_dv, cdiv(head_dim_v, block_dv)
 
 

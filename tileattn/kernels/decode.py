@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, MASK_NONE, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize, initial_state,
-    key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2, output_like,
-    qk_head_dim_tiling, v_head_dim_tiling,
+    LOG2E, MASK_NONE, MAX_BLOCK_DV, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize,
+    initial_state, key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
+    output_like, qk_head_dim_tiling, v_head_dim_tiling,
 )
 from .launch import Launch, Launcher, PlanCache
 
@@ -223,6 +223,7 @@ _SMALL_GRID_CONFIG = (64, 4, 3)
 _SMALL_GRID_SMALL_PAGES_CONFIG = (128, 4, 2)  # the paged sweep's best for 16-token pages at B = 1
 _INTERPRETER_CONFIG = (32, 4, 1)
 MAX_SPLITS = 64
+DECODE_ACC_ELEMENTS = 64 * 128  # the tuned full tile's fp32 accumulator (64 rows x D = 128)
 
 
 def choose_config(batch: int, kv_heads: int, row_blocks: int, sm_count: int, page_size: int = 0):
@@ -298,8 +299,10 @@ def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, dtype, devic
     the interpreter; ``page_size`` 0 means a contiguous cache."""
     group = heads_q // heads_kv
     block_d, qk_chunks = qk_head_dim_tiling(head_dim)
-    block_dv, dv_blocks = v_head_dim_tiling(head_dim_v)
     block_m = min(64, max(16, next_power_of_2(group * seqlen_q)))
+    # Each column block of v re-reads the whole K tile: a small tile keeps all of v's columns, up to the accumulator
+    # registers a 64 x 128 tile takes (16 x 512: MLA decode at 16 query heads reads each latent token in one program).
+    block_dv, dv_blocks = v_head_dim_tiling(head_dim_v, max(MAX_BLOCK_DV, min(512, DECODE_ACC_ELEMENTS // block_m)))
     row_blocks = cdiv(group * seqlen_q, block_m)
     if device_index is None:
         sm_count, config = 4, config or _INTERPRETER_CONFIG
