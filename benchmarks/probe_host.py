@@ -9,7 +9,9 @@
    the attention-interface functions timed on the arguments the model really passes (decode step and 512-token
    prefill), the backend ``auto`` picks for them, and cProfile of whole decode steps.
 
-Usage (GPU): python3 benchmarks/probe_host.py [--profile] [--generate] [--no-gqa]
+4. ``--prefill-gpu``: the LLaMA-7B 512-token prefill, sdpa against tileattn: wall time and GPU time per kernel.
+
+Usage (GPU): python3 benchmarks/probe_host.py [--profile] [--generate] [--no-gqa] [--prefill-gpu]
 """
 
 from __future__ import annotations
@@ -337,6 +339,54 @@ def probe_generate_variants(prompt=512, rounds=5):
         print(f"  {impl}: " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.2f}" for k in rows[0]))
 
 
+def probe_prefill_gpu(prompt=512):
+    """LLaMA-7B prefill (B = 1, GQA 32/8, bf16, no cache) with sdpa and with tileattn: wall ms (median of 7
+    interleaved rounds), and from the profiler the GPU time per kernel name and in total, so a gap between the two
+    reads as GPU work (another kernel, an extra copy) or as host time (same kernels, longer wall)."""
+    import statistics
+    import time
+
+    from tileattn.bench import e2e
+
+    spec = dict(e2e.MODELS["llama-7b"])
+    spec["shape"] = dict(spec["shape"], num_key_value_heads=8)
+    model = e2e.build_model(spec, torch.device("cuda"))
+    ids = torch.randint(3, 32000, (1, prompt), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    walls = {"sdpa": [], "tileattn": []}
+    for round_ in range(8):
+        for impl in walls:
+            e2e.use(model, impl)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            forward()
+            torch.cuda.synchronize()
+            if round_:
+                walls[impl].append((time.perf_counter() - start) * 1e3)
+    for impl in walls:
+        e2e.use(model, impl)
+        forward()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            forward()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                kernels[e.name[:70]] = kernels.get(e.name[:70], 0.0) + e.device_time
+        total = sum(kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+        print(f"prefill {prompt} {impl}: wall {statistics.median(walls[impl]):.2f} ms (rounds "
+              f"{', '.join(f'{w:.1f}' for w in walls[impl])}), GPU kernels {total / 1e3:.2f} ms in "
+              f"{len(kernels)} names")
+        for name, us in top:
+            print(f"    {us / 1e3:7.3f} ms  {name}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true")
@@ -345,6 +395,7 @@ if __name__ == "__main__":
     parser.add_argument("--decode-gpu", action="store_true")
     parser.add_argument("--routes", action="store_true")
     parser.add_argument("--generate-variants", action="store_true")
+    parser.add_argument("--prefill-gpu", action="store_true")
     args = parser.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
     if not args.no_gqa:
@@ -359,3 +410,5 @@ if __name__ == "__main__":
         probe_decode_gpu()
     if args.generate:
         probe_generate()
+    if args.prefill_gpu:
+        probe_prefill_gpu()

@@ -143,11 +143,12 @@ def measure_host(device, progress=None) -> list[dict]:
 
 GENERATE_SHAPES = {"cuda": ((1, 512), (1, 4096), (8, 1024)), "cpu": ((1, 64),)}
 NEW_TOKENS = 32
+GENERATE_REPEATS = 5  # whole generate() calls are host-bound: 3 rounds were too few on a noisy host
 
 
 def measure_generate(device, progress=None, caches=("dynamic", "static")) -> list[dict]:
     """Decode ms per step of ``generate()`` per implementation: (time of NEW_TOKENS + 1 tokens - time of 1 token)
-    / NEW_TOKENS, so prefill is excluded; interleaved round-robin, median of 3."""
+    / NEW_TOKENS, so prefill is excluded; interleaved round-robin, median of GENERATE_REPEATS."""
     from . import e2e
 
     on_gpu = device.type == "cuda"
@@ -178,7 +179,8 @@ def measure_generate(device, progress=None, caches=("dynamic", "static")) -> lis
 
         warm_up = {impl: warm_up_both_lengths for impl in ("eager", "sdpa", "tileattn")}
         try:
-            timings = interleaved_timings(warm_up, 3, time_one=step_ms, before=lambda impl: e2e.use(model, impl))
+            timings = interleaved_timings(warm_up, GENERATE_REPEATS, time_one=step_ms,
+                                          before=lambda impl: e2e.use(model, impl))
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # e.g. a compile failure: keep the other rows
             if on_gpu:
                 torch.cuda.empty_cache()
@@ -215,14 +217,15 @@ def summarize(rows, device) -> str:
                                 r["vs_sdpa"]] for r in host]) + "\n" + flag_notes(host, "tileattn bench overhead", REPEATS)]
     gen = [r for r in rows if r["kind"] == "generate"]
     if gen:
-        parts.append(f"Transformers generate(), decode ms per step ({NEW_TOKENS} steps, prefill excluded; median of 3), "
+        parts.append(f"Transformers generate(), decode ms per step ({NEW_TOKENS} steps, prefill excluded; median of "
+                     f"{GENERATE_REPEATS}), "
                      "GQA 32/8 LLaMA shape, random weights; static: a static cache, which Transformers compiles "
                      "(CUDA graphs):\n\n"
                      + markdown_table(["batch", "prompt", "cache", "implementation", "ms/step", "tokens/s"],
                                       [[r["batch"], r["prompt"], r["cache"], r["impl"],
                                         timing_cell(r["ms_per_step"], r["ms_per_step_q1"], r["ms_per_step_q3"],
                                                     r["noisy"]), r["tokens_per_s"]] for r in gen])
-                     + "\n" + flag_notes(gen, "tileattn bench overhead", 3))
+                     + "\n" + flag_notes(gen, "tileattn bench overhead", GENERATE_REPEATS))
     prefill = [r for r in rows if r["kind"] == "prefill"]
     if prefill:
         sdpa = next(r["ms"] for r in prefill if r["impl"] == "sdpa")
