@@ -1,4 +1,4 @@
-"""Two GPU probes for issue 10 (host cost), printed as short tables:
+"""GPU probes for issue 10 (host cost), printed as short tables:
 
 1. GQA on SDPA's fused kernels, called through their ATen ops with K/V heads NOT repeated: does each kernel take
    Hq != Hkv, is its result right (against tileattn's Triton kernel, itself checked against the float64 oracle in
@@ -8,10 +8,10 @@
 3. ``--generate``: where a LLaMA-7B-shaped ``generate()`` step spends its host time with sdpa and with tileattn:
    the attention-interface functions timed on the arguments the model really passes (decode step and 512-token
    prefill), the backend ``auto`` picks for them, and cProfile of whole decode steps.
+4. ``--prefill-host``: host time per prefill forward and in its attention calls, and the device syncs in it.
+5. ``--prefill-gpu``: the LLaMA-7B 512-token prefill, sdpa against tileattn: wall time and GPU time per kernel.
 
-4. ``--prefill-gpu``: the LLaMA-7B 512-token prefill, sdpa against tileattn: wall time and GPU time per kernel.
-
-Usage (GPU): python3 benchmarks/probe_host.py [--profile] [--generate] [--no-gqa] [--prefill-gpu]
+Usage (GPU): python3 benchmarks/probe_host.py [--profile] [--generate] [--no-gqa] [--prefill-gpu] [--prefill-host]
 """
 
 from __future__ import annotations
@@ -387,6 +387,67 @@ def probe_prefill_gpu(prompt=512):
             print(f"    {us / 1e3:7.3f} ms  {name}")
 
 
+def probe_prefill_host(prompt=512, rounds=7):
+    """LLaMA-7B prefill (B = 1, GQA 32/8, bf16, no cache), sdpa against tileattn: per forward, the host time until
+    ``forward`` returns (no sync), the wall time to the GPU's end, and the host time inside the attention and mask
+    functions (summed over the 32 layers); median of interleaved rounds. Then one tileattn forward under
+    ``torch.cuda.set_sync_debug_mode("warn")``, which names any operation that synchronizes the device."""
+    import statistics
+    import time
+    import warnings
+
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from tileattn.bench import e2e
+    from tileattn.integrations import transformers as tileattn_hf
+
+    spec = dict(e2e.MODELS["llama-7b"])
+    spec["shape"] = dict(spec["shape"], num_key_value_heads=8)
+    model = e2e.build_model(spec, torch.device("cuda"))
+    ids = torch.randint(3, 32000, (1, prompt), generator=torch.Generator().manual_seed(0)).cuda()
+    spent = {}
+
+    def timed(fn, what):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            spent[what] = spent.get(what, 0.0) + time.perf_counter() - start
+            return result
+        return wrapper
+
+    AttentionInterface.register("p_sdpa", timed(sdpa_attention_forward, "attention"))
+    AttentionMaskInterface.register("p_sdpa", timed(sdpa_mask, "mask"))
+    AttentionInterface.register("p_tileattn", timed(tileattn_hf.tileattn_attention_forward, "attention"))
+    AttentionMaskInterface.register("p_tileattn", timed(tileattn_hf.padding_mask, "mask"))
+    found = {"p_sdpa": [], "p_tileattn": []}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for impl, rows in found.items():
+                model.set_attn_implementation(impl)
+                spent.clear()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                host = time.perf_counter() - start
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - start
+                if round_:
+                    rows.append({"wall ms": wall * 1e3, "host ms": host * 1e3,
+                                 **{f"{k} us": v * 1e6 for k, v in spent.items()}})
+        print(f"prefill {prompt}, per forward (median of {rounds} interleaved rounds)")
+        for impl, rows in found.items():
+            print(f"  {impl}: " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.1f}" for k in rows[0]))
+        model.set_attn_implementation("p_tileattn")
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(input_ids=ids, use_cache=False)
+        torch.cuda.set_sync_debug_mode(0)
+        print(f"  syncs in a tileattn prefill forward: {len(caught)}", *{str(w.message)[:200] for w in caught})
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true")
@@ -396,6 +457,7 @@ if __name__ == "__main__":
     parser.add_argument("--routes", action="store_true")
     parser.add_argument("--generate-variants", action="store_true")
     parser.add_argument("--prefill-gpu", action="store_true")
+    parser.add_argument("--prefill-host", action="store_true")
     args = parser.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
     if not args.no_gqa:
@@ -412,3 +474,5 @@ if __name__ == "__main__":
         probe_generate()
     if args.prefill_gpu:
         probe_prefill_gpu()
+    if args.prefill_host:
+        probe_prefill_host()

@@ -294,6 +294,39 @@ def test_auto_gives_varlen_and_kvcache_calls_that_require_grad_a_backward(monkey
     tileattn.api._prepared.clear()
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False, window=(3, 0), return_lse=True)])
+def test_a_growing_cache_reuses_its_first_checks_and_stays_exact(dtype, options, monkeypatch):
+    """Decode steps over K/V one key longer each call (Transformers' DynamicCache) reuse the checks and backend of
+    their first step (the length-free family in tileattn.api); every length, in an order that alternates what Triton
+    specializes on (1, multiples of 16, others), matches the oracle with the call's own options, and calls that break
+    the family (k and v of unequal lengths, no keys, a non-contiguous cache) still get the full checks."""
+    tileattn.api._prepared.clear()
+    tileattn.api._families.clear()
+    checks = []
+    check = tileattn.api._check_attention_call
+    monkeypatch.setattr(tileattn.api, "_check_attention_call", lambda *args: checks.append(1) or check(*args))
+    q = torch.randn(2, 8, 1, 16, dtype=dtype, device=DEVICE)
+    k_all, v_all = (torch.randn(2, 2, 40, 16, dtype=dtype, device=DEVICE) for _ in range(2))
+    for length in (5, 6, 16, 1, 17, 32, 33, 7):
+        k, v = k_all[:, :, :length].contiguous(), v_all[:, :, :length].contiguous()
+        result = tileattn.attention(q, k, v, **options, backend="triton")
+        out, lse = result if options.get("return_lse") else (result, None)
+        assert_matches_oracle(out, q, k, v, lse, **{o: x for o, x in options.items() if o != "return_lse"})
+    assert len(checks) == 1 and len(tileattn.api._families) == 1  # one family: the first length was checked
+    with pytest.raises(ValueError, match="same heads and length"):
+        tileattn.attention(q, k_all[:, :, :9].contiguous(), v_all[:, :, :8].contiguous(), **options, backend="triton")
+    empty = tileattn.attention(q, k_all[:, :, :0].contiguous(), v_all[:, :, :0].contiguous(), **options,
+                               backend="triton")
+    assert not (empty[0] if options.get("return_lse") else empty).any()
+    k, v = k_all[:, :, :11], v_all[:, :, :11]  # views into the longer cache: other strides, the full path
+    result = tileattn.attention(q, k, v, **options, backend="triton")
+    out, lse = result if options.get("return_lse") else (result, None)
+    assert_matches_oracle(out, q, k, v, lse, **{o: x for o, x in options.items() if o != "return_lse"})
+    tileattn.api._prepared.clear()
+    tileattn.api._families.clear()
+
+
 @pytest.mark.parametrize("bad", [dict(causal=1), dict(window=(1.0, 2)), dict(window=(True, 2)), dict(scale=True),
                                  dict(softcap=True), dict(scale=float("nan"))])
 def test_a_cached_signature_lets_no_invalid_option_through(bad):

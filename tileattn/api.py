@@ -253,11 +253,50 @@ def _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backen
             None if mask is None else (mask.shape, mask.stride(), mask.dtype, mask.device))
 
 
+# Decode steps over a growing cache: Transformers' DynamicCache concatenates each new token, so K/V are new
+# contiguous tensors one key longer every step, and each step's first layer meets a new signature. A validated
+# decode-shaped Triton call is also remembered by its signature without the key length (its "family"): the checks
+# and the backend choice do not depend on that length (only k's and v's lengths must agree), so a new length of a
+# known family prepares its launch and nothing else.
+_families: dict = {}
+
+
+def _family(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan):
+    """The length-free signature of a call without a mask whose K/V are contiguous (their strides follow from
+    their shapes), else None."""
+    if mask is not None or not (k.is_contiguous() and v.is_contiguous()):
+        return None
+    return (backend, causal, scale, window, softcap, bool(return_lse), with_plan, q.shape, q.stride(), q.dtype,
+            q.device, k.shape[:2], k.shape[3:], v.shape[:2], v.shape[3:], k.dtype, v.dtype, k.device, v.device)
+
+
+def _new_length(family_call: _Call, q, k, v) -> _Call | None:
+    """The :class:`_Call` of a call of ``family_call``'s family with another key length, or None when that length
+    needs the full checks (k and v of unequal lengths, no keys)."""
+    length = k.shape[2]
+    if length == 0 or v.shape[2] != length:
+        return None
+    from . import ops  # a family holds Triton calls only
+
+    plan = ops.attention_plan(q, k, v, decode_shaped=True, mask=None, scale=family_call.scale,
+                              window=family_call.window, softcap=family_call.softcap,
+                              return_lse=family_call.return_lse)
+    return family_call._replace(mask_shape=(*family_call.mask_shape[:3], length), plan=plan)
+
+
 def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan=False) -> _Call:
     """The :class:`_Call` of this call, from the cache when its signature was met before; ``with_plan``: also
     prepare its launch (for plain calls: no ALiBi or sinks, which the signature does not hold)."""
     key = _signature(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan)
     call = _prepared.get(key) if key is not None else None
+    family = None
+    if call is None and key is not None and with_plan:
+        family = _family(q, k, v, causal, scale, mask, window, softcap, return_lse, backend, with_plan)
+        family_call = _families.get(family) if family is not None else None
+        if family_call is not None:
+            call = _new_length(family_call, q, k, v)
+            if call is not None:
+                _remember(key, call)
     if call is None:
         scale, window, softcap, mask = _check_attention_call(q, k, v, causal, scale, mask, window, softcap)
         chosen = _decide(q, k, v, backend, causal, mask, window, softcap, return_lse).backend
@@ -276,10 +315,15 @@ def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse
                      plan)
         if key is not None:
             _remember(key, call)
+            if family is not None and chosen == "triton" and decode_shaped and plan is not None:
+                if len(_families) >= dispatch.MAX_CACHED_DECISIONS:
+                    _families.clear()
+                _families[family] = call
     return call
 
 
 dispatch.on_reset(_prepared.clear)
+dispatch.on_reset(_families.clear)
 
 
 def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softcap=None, alibi_slopes=None,

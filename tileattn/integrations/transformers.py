@@ -88,8 +88,11 @@ def padding_mask(*args, **kwargs):
             end = int(cache_position[-1]) + 1
         else:
             end = None
-        if end == kv_length and not bool(mask.all()):
-            return mask.bool()
+        if end == kv_length:
+            if not bool(mask.all()):  # one device sync per forward, as sdpa_mask's own check costs
+                return mask.bool()
+            # No padding: the same as no 2-D mask, which spares sdpa_mask a second sync to find that out.
+            kwargs["attention_mask"] = None
     return sdpa_mask(*args, **kwargs)
 
 
