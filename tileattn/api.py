@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import dispatch, reference
+from . import dispatch, quant, reference
 from .cache import write_kv
 from .reference import UNBOUNDED, lse_dtype, naive_attention, tiled_attention, window_bounds
 from .sdpa import sdpa_attention, sdpa_plan
@@ -119,6 +119,10 @@ def _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask=None):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
+    if backend == "triton" and isinstance(v, torch.Tensor):  # an fp8 cache is refused before any rerouting
+        reason = dispatch.quantized_cache_reason(v)
+        if reason:
+            raise ValueError(f"backend='triton' cannot run this call: {reason}")
     if backend in ("auto", "triton") and _tiled_for_gradients(q, k, v, mask, alibi_slopes, sinks):
         return "torch"  # as attention() without biases does
     return dispatch.choose_backend(q, v, backend)
@@ -421,9 +425,9 @@ def attention_varlen(
 
 
 def attention_with_kvcache(
-    q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, causal=True, scale=None,
-    window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0, check_bounds=True,
-    backend="auto",
+    q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_table=None, k_scale=None, v_scale=None,
+    causal=True, scale=None, window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0,
+    check_bounds=True, backend="auto",
 ):
     """Attention of new query tokens over a KV cache (decode, chunked prefill, speculative verification).
 
@@ -437,6 +441,18 @@ def attention_with_kvcache(
         k_new, v_new: optional ``[B, Hkv, Sq, D]`` and ``[B, Hkv, Sq, D_v]``, written into the caches at positions
             ``cache_seqlens[b] ..`` (through the block table when paged) before attending. ``cache_seqlens``
             itself is not advanced: that is the caller's (or :class:`tileattn.cache.PagedKVCache`'s) bookkeeping.
+        k_scale, v_scale: the scales of fp8 caches (``torch.float8_e4m3fn`` or ``torch.float8_e5m2``; k's and v's
+            format may differ, both caches are fp8 or neither), required with them and refused without: fp32 on
+            the cache's device, any strides, each of one granularity (see :mod:`tileattn.quant`; k's and v's may
+            differ): 0-d per tensor, ``[Hkv]`` or ``[B, Hkv]`` per KV head, or per token and KV head the cache's
+            shape without the head dim (``[B, Hkv, S_max]``, paged ``[num_pages, Hkv, page_size]``). A stored ``x``
+            means ``x.float() * scale``, and the result is exact attention over those values (q, k_new and v_new
+            float16, bfloat16 or float32). New tokens are quantized on write (divide by the scale, saturate to the
+            format's largest finite value, round to nearest even; NaN and Inf are stored as NaN); per-token scales
+            get each new token's own scale (amax / format max, 1.0 for an all-zero token) at its position, in
+            place, so they must then be writable (no stride-0 view, not requiring grad). The call attends over
+            what it stored. Quantization rounds: k_new and v_new get no gradient through it (q does). fp8 caches
+            run on the PyTorch backends for now (``auto`` picks ``torch``; ``backend="triton"`` refuses them).
         causal: default True; bottom-right aligned: the Sq queries are the last Sq of the
             ``cache_seqlens[b] (+ Sq if k_new)`` keys.
         num_splits: key splits per sequence for the split-KV kernel; 0 chooses from batch, heads, cache size
@@ -459,7 +475,7 @@ def attention_with_kvcache(
     call = _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                             softcap, return_lse, num_splits,
                             _bias_backend(q, k_cache, v_cache, backend, alibi_slopes, sinks) if biased else backend,
-                            with_plan=not biased)
+                            with_plan=not biased, k_scale=k_scale, v_scale=v_scale)
     if biased:
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
     grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, sinks)
@@ -478,13 +494,15 @@ def attention_with_kvcache(
         else:
             out, lse = _kvcache_kernel(*launch)
     else:
+        # Validated: scales are given exactly when the caches are fp8 (quantized on write, dequantized to attend).
         if k_new is not None:
-            write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+            write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale=k_scale, v_scale=v_scale)
         impl = attention if per_sequence else tiled_attention if call.backend == "torch" else naive_attention
         biases = dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}
         out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
-                                               block_table=block_table, return_lse=True, impl=impl, scale=call.scale,
-                                               softcap=call.softcap, window=call.window, **biases)
+                                               block_table=block_table, k_scale=k_scale, v_scale=v_scale,
+                                               return_lse=True, impl=impl, scale=call.scale, softcap=call.softcap,
+                                               window=call.window, **biases)
     return (out, lse) if return_lse else out
 
 
@@ -569,21 +587,33 @@ def _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
 
 
 def _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window, softcap,
-                     return_lse, num_splits, backend, with_plan=False) -> _KVCacheCall:
+                     return_lse, num_splits, backend, with_plan=False, k_scale=None, v_scale=None) -> _KVCacheCall:
     """The :class:`_KVCacheCall` of this call, from the cache when its signature was met before; ``with_plan``:
     also prepare its launch (for plain calls: no ALiBi or sinks, which the signature does not hold)."""
     key = _kvcache_signature(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
                              softcap, return_lse, num_splits, backend, with_plan)
+    if key is not None and (k_scale is not None or v_scale is not None):
+        key = _scales_signature(key, k_scale, v_scale)
     call = _prepared.get(key) if key is not None else None
     if call is None:
         call = _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
-                                   window, softcap, return_lse, num_splits, backend)
+                                   window, softcap, return_lse, num_splits, backend, k_scale=k_scale, v_scale=v_scale)
         if key is not None:
             if with_plan:
                 call = call._replace(plan=_kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                         block_table, num_splits))
             _remember(key, call)
     return call
+
+
+def _scales_signature(key, k_scale, v_scale):
+    """``key`` (a call's signature without its scales) extended by ``k_scale`` and ``v_scale``, with what their checks
+    read (``requires_grad`` included: per-token scales are written in place), or None where they are not both plain
+    tensors (then every call is checked in full). Calls without scales keep the plain key: an fp8 cache without
+    scales, or scales with another cache, fail their checks and so are never cached."""
+    if type(k_scale) is not torch.Tensor or type(v_scale) is not torch.Tensor:
+        return None
+    return (key, *[(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in (k_scale, v_scale)])
 
 
 def _kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, num_splits, seq_first=False):
@@ -601,8 +631,12 @@ def _kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
 
 
 def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
-                        softcap, return_lse, num_splits, backend) -> _KVCacheCall:
-    _check_tensors(q, k_cache, v_cache, same_batch=block_table is None)
+                        softcap, return_lse, num_splits, backend, *, k_scale=None, v_scale=None) -> _KVCacheCall:
+    quantized = _quantized_cache(k_cache, v_cache)
+    if quantized:
+        _check_quantized_dtypes(q, k_cache, v_cache)
+    _check_tensors(q, k_cache, v_cache, same_batch=block_table is None,
+                   kv_dtypes=quant.FP8_DTYPES if quantized else None)
     scale = _check_scale(q.shape[-1], scale)
     window = _check_window(window, causal)
     softcap = _check_softcap(softcap)
@@ -628,8 +662,62 @@ def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+    _check_kv_scales(k_cache, v_cache, k_scale, v_scale, quantized=quantized, batch=b, paged=block_table is not None,
+                     writes=k_new is not None)
     return _KVCacheCall(scale, window, softcap, bool(return_lse), sq if k_new is not None else 0,
                         _backend(q, v_cache, backend))
+
+
+QUANTIZED_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # those the Triton kernels take
+
+
+def _quantized_cache(k_cache, v_cache) -> bool:
+    """Whether either cache is stored in an fp8 format (then both must be: :func:`_check_quantized_dtypes`)."""
+    return any(isinstance(t, torch.Tensor) and quant.is_fp8(t.dtype) for t in (k_cache, v_cache))
+
+
+def _check_quantized_dtypes(q, k_cache, v_cache):
+    """Over an fp8 cache: both caches fp8 (each its own format), q float16, bfloat16 or float32 (k_new/v_new
+    follow q)."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if isinstance(t, torch.Tensor) and not quant.is_fp8(t.dtype):
+            raise TypeError(f"{name} must be {_dtype_names(quant.FP8_DTYPES)} as well: k_cache and v_cache are "
+                            f"quantized together, got {t.dtype}")
+    if isinstance(q, torch.Tensor) and q.dtype not in QUANTIZED_QUERY_DTYPES:
+        raise TypeError(f"q must be {_dtype_names(QUANTIZED_QUERY_DTYPES)} over an fp8 KV cache, got {q.dtype}")
+
+
+def _check_kv_scales(k_cache, v_cache, k_scale, v_scale, *, quantized, batch, paged, writes,
+                     names=("k_scale", "v_scale")):
+    """``k_scale``/``v_scale``: given exactly when the caches are fp8; fp32 on the cache's device, of a shape
+    :func:`tileattn.quant.scale_granularity` takes for the cache's layout; per-token scales writable where new
+    tokens are written (``writes``). ``names``: the arguments named in errors (the flash-attn entry point's own)."""
+    named = tuple(zip(names, (k_scale, v_scale)))
+    if not quantized:
+        given = [name for name, t in named if t is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: scales are for fp8 KV caches only; k_cache and v_cache are "
+                             f"{k_cache.dtype}")
+        return
+    missing = [name for name, t in named if t is None]
+    if missing:
+        raise ValueError(f"fp8 KV caches ({k_cache.dtype}, {v_cache.dtype}) need {' and '.join(names)} (fp32, see "
+                         f"tileattn.quant); {' and '.join(missing)} missing")
+    for (name, t), cache, new in zip(named, (k_cache, v_cache), ("k_new", "v_new")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (fp32), got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.device != cache.device:
+            raise ValueError(f"{name} must be on the cache's device {cache.device}, got {t.device}")
+        granularity = quant.scale_granularity(t, cache, paged, batch, name=name)
+        if granularity == "token" and writes:
+            if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+                raise ValueError(f"{name} must be writable: the new tokens' ({new}) per-token scales are written into "
+                                 "it, and this view (stride 0) shares one value among positions")
+            if t.requires_grad:
+                raise ValueError(f"{name} must not require grad: the new tokens' ({new}) per-token scales are "
+                                 "written into it in place")
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -741,20 +829,22 @@ def _check_cache_bounds(k_cache, cache_seqlens, new_tokens, block_table):
             raise CacheBoundsError(f"block_table holds page ids outside [0, {k_cache.shape[0]}) in pages in use")
 
 
-def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batch=True):
+def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batch=True, kv_dtypes=None):
     """Types, ranks, dtypes, devices, head counts and head dims of q/k/v: q's and k's equal, from 1 to
     :data:`MAX_HEAD_DIM_QK`; v's its own, from 1 to :data:`MAX_HEAD_DIM_V` (which backends take them is dispatch's
-    to say). ``layout`` names the dims; heads are dim 1 and head_dim the last dim in every layout we take."""
+    to say). ``layout`` names the dims; heads are dim 1 and head_dim the last dim in every layout we take.
+    ``kv_dtypes``: the dtypes k and v may each have (a quantized cache's), instead of q's."""
     rank = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise ValueError(f"{name} must have {rank} dims {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        allowed = FLOAT_DTYPES if name == "q" or kv_dtypes is None else kv_dtypes
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} must be {_dtype_names(allowed)}, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
+        if kv_dtypes is None and t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
@@ -771,6 +861,12 @@ def _check_tensors(q, k, v, *, layout="[batch, heads, seq, head_dim]", same_batc
         raise ValueError(f"q/k head_dim must be between 1 and {MAX_HEAD_DIM_QK}, got {d}")
     if not 1 <= d_v <= MAX_HEAD_DIM_V:
         raise ValueError(f"v head_dim must be between 1 and {MAX_HEAD_DIM_V}, got {d_v}")
+
+
+def _dtype_names(dtypes) -> str:
+    """``float16, bfloat16 or float32`` for those dtypes."""
+    names = [str(dtype).removeprefix("torch.") for dtype in dtypes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _check_scale(head_dim, scale):

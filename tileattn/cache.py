@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import quant
+
 
 def cache_positions(cache_seqlens: torch.Tensor, num_new: int, block_table: torch.Tensor | None, page_size: int):
     """Where ``num_new`` tokens appended after ``cache_seqlens[b]`` go: ``(index0, slot)``, both ``[B, num_new]``;
@@ -22,15 +24,31 @@ def cache_positions(cache_seqlens: torch.Tensor, num_new: int, block_table: torc
     return block_table.long().gather(1, pos // page_size), pos % page_size
 
 
-def write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
+def write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *, k_scale=None, v_scale=None):
     """Write ``k_new``/``v_new`` ``[B, Hkv, Sq, D]`` at positions ``cache_seqlens[b] ..`` of each sequence.
 
+    fp8 caches take their scales (see :mod:`tileattn.quant`): the new tokens are quantized by the write rule, and
+    per-token scales get each new token's own scale, written at its position. Quantization rounds, so the stored
+    tokens carry no gradient back to ``k_new``/``v_new``.
     Pure tensor indexing (no host sync), so it can be captured in a CUDA graph. Bounds are the caller's
     to check (``attention_with_kvcache`` does, outside graph capture)."""
     index0, slot = cache_positions(cache_seqlens, k_new.shape[2], block_table, k_cache.shape[2])
     # Advanced indices on dims 0 and 2 around a slice: the result is [B, Sq, Hkv, D].
-    k_cache[index0, :, slot] = k_new.transpose(1, 2)
-    v_cache[index0, :, slot] = v_new.transpose(1, 2)
+    k_cache[index0, :, slot] = _stored(k_new, k_cache.dtype, k_scale, index0, slot).transpose(1, 2)
+    v_cache[index0, :, slot] = _stored(v_new, v_cache.dtype, v_scale, index0, slot).transpose(1, 2)
+
+
+def _stored(new, dtype, scale, index0, slot):
+    """What a cache of ``dtype`` stores for ``new`` ``[B, Hkv, Sq, D]``: ``new`` itself, or with an fp8 cache's
+    ``scale`` its quantized values (a per-token ``scale`` first receives the new tokens' scales at ``index0, slot``)."""
+    if scale is None:
+        return new
+    with torch.no_grad():
+        if scale.dim() == 3:  # per token and KV head: [B, Hkv, S_max] or [num_pages, Hkv, page_size]
+            new_scale = quant.token_scales(new, dtype)
+            scale[index0, :, slot] = new_scale.transpose(1, 2)
+            scale = new_scale
+        return quant.quantize(new, scale, dtype)
 
 
 class PagedKVCache:
@@ -52,10 +70,18 @@ class PagedKVCache:
         cache.reserve(seq, 1)
         out = tileattn.attention_with_kvcache(q, **cache.kernel_args([seq]), k_new=k, v_new=v)
         cache.advance(seq, 1)
+
+    FP8 pools (``dtype=torch.float8_e4m3fn`` or ``torch.float8_e5m2``, see :mod:`tileattn.quant`) hold scales
+    ``k_scale``/``v_scale`` of one ``scale_granularity``: ``"token"`` (the default; each token's own, computed when
+    it is written, stored ``[num_pages, page_size, Hkv]`` like the pools), ``"head"`` (``[Hkv]``) or ``"tensor"``
+    (0-d). Head and tensor scales are fixed when the cache is made: pass them (fp32 tensors of those shapes, or a
+    number for all heads), e.g. from :func:`tileattn.quant.calibrate_scales` on sample keys and values. Tokens are
+    given to :meth:`append` and :meth:`attention` in float16, bfloat16 or float32 and quantized on write;
+    :meth:`kernel_args` and :meth:`attention` pass the scales along.
     """
 
     def __init__(self, num_pages, page_size, kv_heads, head_dim, *, max_seqs, max_pages_per_seq,
-                 dtype=torch.float16, device="cpu"):
+                 dtype=torch.float16, device="cpu", scale_granularity=None, k_scale=None, v_scale=None):
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("max_seqs", max_seqs), ("max_pages_per_seq", max_pages_per_seq)):
             if not isinstance(value, int) or value <= 0:
@@ -64,12 +90,50 @@ class PagedKVCache:
         self.k_pool = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.dtype, self.device = dtype, self.k_pool.device  # "cuda" resolved to "cuda:0": compare like with like
         self.v_pool = torch.zeros_like(self.k_pool)
+        self.scale_granularity, self.k_scale, self.v_scale = self._scales(scale_granularity, k_scale, v_scale)
         self.block_table = torch.zeros(max_seqs, max_pages_per_seq, dtype=torch.int32, device=device)
         self.seqlens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._free_seqs = list(range(max_seqs - 1, -1, -1))
         self._pages: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
+
+    def _scales(self, granularity, k_scale, v_scale):
+        """``(granularity, k_scale, v_scale)`` as stored: ``(None, None, None)`` for pools that are not fp8."""
+        if not quant.is_fp8(self.dtype):
+            if granularity is not None or k_scale is not None or v_scale is not None:
+                raise ValueError(f"scale_granularity, k_scale and v_scale are for fp8 pools; dtype is {self.dtype}")
+            return None, None, None
+        granularity = "token" if granularity is None else granularity
+        if granularity not in quant.GRANULARITIES:
+            raise ValueError(f"scale_granularity must be one of {quant.GRANULARITIES}, got {granularity!r}")
+        if granularity == "token":
+            if k_scale is not None or v_scale is not None:
+                raise ValueError("per-token scales are computed as tokens are written: pass no k_scale or v_scale")
+            # Token-major like the pools; a slot's scale is written with its token (unwritten slots are never read).
+            ones = torch.ones(self.k_pool.shape[:3], dtype=torch.float32, device=self.device)
+            return granularity, ones, ones.clone()
+        shape = () if granularity == "tensor" else (self.kv_heads,)
+        scales = []
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is None:
+                raise ValueError(f"{name} is needed with scale_granularity={granularity!r} (e.g. from "
+                                 "tileattn.quant.calibrate_scales on sample keys and values)")
+            if not isinstance(scale, torch.Tensor):
+                scale = torch.full(shape, float(scale))
+            if tuple(scale.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} with scale_granularity={granularity!r}, got "
+                                 f"{list(scale.shape)}")
+            scales.append(scale.to(dtype=torch.float32, device=self.device))
+        return granularity, *scales
+
+    def _scale_args(self) -> dict:
+        """The scales as keyword arguments of ``attention_with_kvcache`` (none for pools that are not fp8)."""
+        if self.k_scale is None:
+            return {}
+        if self.scale_granularity == "token":  # [num_pages, Hkv, page_size] views, as the pools are handed over
+            return dict(k_scale=self.k_scale.transpose(1, 2), v_scale=self.v_scale.transpose(1, 2))
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale)
 
     @property
     def num_free_pages(self) -> int:
@@ -130,23 +194,27 @@ class PagedKVCache:
                                  f"{tuple(t.shape)}")
         if v.shape != k.shape:
             raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        # fp8 pools take tokens to quantize (in the dtypes attention_with_kvcache takes over them)
+        dtypes = (torch.float16, torch.bfloat16, torch.float32) if self.k_scale is not None else (self.dtype,)
         for name, t in (("k", k), ("v", v)):
-            if t.dtype != self.dtype or t.device != self.device:
-                raise TypeError(f"{name} must be {self.dtype} on {self.device}, got {t.dtype} on {t.device}")
+            if t.dtype not in dtypes or t.device != self.device:
+                raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))} on {self.device}, got {t.dtype} on "
+                                f"{t.device}")
         self.reserve(seq, k.shape[1])
         start = torch.tensor([self._lengths[seq]], dtype=torch.int32, device=self.device)
         table = self.block_table[seq:seq + 1]
-        write_kv(self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2), k[None], v[None], start, table)
+        write_kv(self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2), k[None], v[None], start, table,
+                 **self._scale_args())
         self.advance(seq, k.shape[1])
 
     def kernel_args(self, seqs) -> dict:
-        """``k_cache``, ``v_cache``, ``cache_seqlens`` and ``block_table`` for the sequences ``seqs``, in that
-        order, as keyword arguments of ``attention_with_kvcache``."""
+        """``k_cache``, ``v_cache``, ``cache_seqlens`` and ``block_table`` (and with fp8 pools ``k_scale``,
+        ``v_scale``) for the sequences ``seqs``, in that order, as keyword arguments of ``attention_with_kvcache``."""
         for seq in seqs:
             self._check_seq(seq)
         rows = self._rows(seqs)
         return dict(k_cache=self.k_pool.transpose(1, 2), v_cache=self.v_pool.transpose(1, 2),
-                    cache_seqlens=self.seqlens[rows], block_table=self.block_table[rows])
+                    cache_seqlens=self.seqlens[rows], block_table=self.block_table[rows], **self._scale_args())
 
     def attention(self, seqs, q, k_new=None, v_new=None, **options):
         """One step of the serving loop for the sequences ``seqs``: make room for ``q``'s ``Sq`` tokens when
@@ -174,7 +242,7 @@ class PagedKVCache:
         try:
             result = attention_with_kvcache(q, self.k_pool.transpose(1, 2), self.v_pool.transpose(1, 2),
                                             self.seqlens[rows], block_table=self.block_table[rows], k_new=k_new,
-                                            v_new=v_new, check_bounds=False, **options)
+                                            v_new=v_new, check_bounds=False, **self._scale_args(), **options)
         except Exception:  # a call attention_with_kvcache refuses changes nothing: give back the pages reserved
             for seq, count in held.items():
                 while len(self._pages[seq]) > count:

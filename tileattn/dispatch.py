@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import calibration, sdpa
+from . import calibration, quant, sdpa
 
 BACKENDS = ("auto", "triton", "sdpa", *sdpa.KERNELS, "torch", "naive")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -113,15 +113,22 @@ def triton_backward_head_dims_reason(head_dim_qk: int, head_dim_v: int) -> str |
     return None
 
 
+def quantized_cache_reason(v: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot read the values ``v`` (a KV cache's): an fp8 cache, for now; else None."""
+    if quant.is_fp8(v.dtype):
+        return "fp8 KV caches run on the PyTorch backends for now: backend='torch' or 'naive' ('auto' picks 'torch')"
+    return None
+
+
 def triton_call_unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton backend cannot run a call with these q and v (device, dtype), or None: the forward kernels
-    take every head dim the API accepts."""
-    return triton_unsupported_reason(q)
+    """Why the Triton backend cannot run a call with these q and v (device, dtype; ``v`` may be an fp8 cache), or
+    None: the forward kernels take every head dim the API accepts."""
+    return quantized_cache_reason(v) or triton_unsupported_reason(q)
 
 
 def choose_backend(q: torch.Tensor, v: torch.Tensor, requested: str) -> str:
-    """The backend for a varlen or KV-cache call (no SDPA equivalent): Triton on CUDA when it takes the call's
-    head dims (``v`` is the values or their cache), else the tiled path."""
+    """The backend for a varlen or KV-cache call (no SDPA equivalent): Triton on CUDA when it can run the call
+    (``v`` is the values or their cache: an fp8 cache goes to the tiled path), else the tiled path."""
     if requested == "auto":
         return "triton" if q.device.type == "cuda" and triton_call_unsupported_reason(q, v) is None else "torch"
     if requested == "triton":

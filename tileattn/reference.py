@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import torch
 
+from . import quant
+
 __all__ = ["naive_attention", "tiled_attention", "varlen_attention", "kvcache_attention", "merge_attention",
            "window_bounds", "visible_keys", "gather_cache"]
 
@@ -347,27 +349,46 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, i
     return (out, lse) if return_lse else out
 
 
-def gather_cache(cache, b, length, block_table=None):
+def gather_cache(cache, b, length, block_table=None, scale=None):
     """The first ``length`` tokens of sequence ``b`` of a contiguous or paged cache, as ``[Hkv, length, D]`` (the
-    cache's own head dim)."""
+    cache's own head dim); with ``scale``, an fp8 cache's scale of any granularity (see :mod:`tileattn.quant`), the
+    values they stand for, dequantized to fp32."""
     if block_table is None:
-        return cache[b, :, :length]
-    page_size = cache.shape[2]
-    pages = block_table[b, : -(-length // page_size)].long()
-    return cache[pages].transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :length]
+        tokens = cache[b, :, :length]
+    else:
+        page_size = cache.shape[2]
+        pages = block_table[b, : -(-length // page_size)].long()
+        tokens = cache[pages].transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :length]
+    if scale is None:
+        return tokens
+    return quant.dequantize(tokens[None], _sequence_scale(scale, b, length, block_table))[0]
 
 
-def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block_table=None, return_lse=False,
-                      impl=tiled_attention, **options):
+def _sequence_scale(scale, b, length, block_table):
+    """Sequence ``b``'s part of a cache scale (by rank: 0-d and ``[Hkv]`` are shared, ``[B, Hkv]`` has a row per
+    sequence, per-token scales are laid out as the cache is), shaped for its gathered ``[1, Hkv, length, D]``
+    tokens."""
+    if scale.dim() == 2:
+        return scale[b:b + 1]
+    if scale.dim() == 3:
+        return gather_cache(scale[..., None], b, length, block_table)[None, ..., 0]
+    return scale
+
+
+def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, new_tokens=0, block_table=None, k_scale=None,
+                      v_scale=None, return_lse=False, impl=tiled_attention, **options):
     """``q [B, Hq, Sq, D]`` against each sequence's first ``cache_seqlens[b] + new_tokens`` cached tokens
     (already written; k_cache's head dim D, v_cache's D_v), one sequence at a time through ``impl``; bottom-right
-    aligned. Returns ``out [B, Hq, Sq, D_v]`` or ``(out, lse [B, Hq, Sq])``."""
+    aligned. fp8 caches come with ``k_scale``/``v_scale`` (see :mod:`tileattn.quant`): each sequence's tokens are
+    dequantized to fp32, then attended (``impl`` computes in q's precision, or fp32 on the tiled path), so the result
+    is attention over the values the cache stands for. Returns ``out [B, Hq, Sq, D_v]`` or
+    ``(out, lse [B, Hq, Sq])``."""
     out = _empty_output(q, v_cache.shape[-1])
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
     for b, cached in enumerate(cache_seqlens.tolist()):
         length = cached + new_tokens
-        k = gather_cache(k_cache, b, length, block_table)[None]
-        v = gather_cache(v_cache, b, length, block_table)[None]
+        k = gather_cache(k_cache, b, length, block_table, k_scale)[None]
+        v = gather_cache(v_cache, b, length, block_table, v_scale)[None]
         if length == 0:
             fill, lse[b] = keyless_rows(options.get("sinks"), q.shape[1], lse.dtype, q.device)
             out[b] = fill.to(out.dtype)[:, :, None]  # [Hq, 1, 1] over [Hq, Sq, D_v]

@@ -11,7 +11,8 @@ Same argument names, ``[batch, seqlen, heads, head_dim]`` layout, bottom-right c
 values. ``alibi_slopes`` (fp32 ``[Hq]`` or ``[B, Hq]``) follow flash-attn's rule, lse included (under plain causal
 masking flash-attn adds ``slope * j``, which shifts each row's lse by ``slope * (i + Sk - Sq)`` from tileattn's
 ``-slope * |i + Sk - Sq - j|``; the returned lse is flash-attn's). ``flash_attn_with_kvcache`` takes rotary
-embeddings, ``cache_batch_idx`` and ``cache_leftpad``. ``dropout_p`` must be 0 (tileattn has no attention dropout).
+embeddings, ``cache_batch_idx``, ``cache_leftpad``, and fp8 caches with flash-attn 3's ``k_descale``/``v_descale``.
+``dropout_p`` must be 0 (tileattn has no attention dropout).
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn documents the probabilities
 as a testing aid that may be wrongly scaled; tileattn never materializes them.
 
@@ -153,7 +154,7 @@ def _rotate(x, cos, sin, positions, interleaved):
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
-                            num_splits=0, return_softmax_lse=False):
+                            num_splits=0, return_softmax_lse=False, k_descale=None, v_descale=None):
     """q ``[B, Sq, Hq, D]``; caches ``[B, S_max, Hkv, D]`` or, with ``block_table``,
     ``[num_blocks, block_size, Hkv, D]`` (v_cache's head dim ``D_v`` may differ, as in flash-attn 3: out is then
     ``[B, Sq, Hq, D_v]``); ``k``/``v`` ``[B, S_new, Hkv, D or D_v]`` appended at ``cache_seqlens`` (int or int32
@@ -171,11 +172,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``cache_leftpad`` int32 ``[B]``: sequence ``b``'s tokens start at that slot of its row; ``cache_seqlens`` and
     rotary positions still count from the row's start (flash-attn's convention).
     With ``block_table``, lengths past what it addresses raise ``CacheBoundsError`` (a RuntimeError naming
-    block_table, as flash-attn's own guard does; both read the lengths back to the host)."""
+    block_table, as flash-attn's own guard does; both read the lengths back to the host).
+
+    fp8 caches (``torch.float8_e4m3fn``/``float8_e5m2``) take ``k_descale``/``v_descale`` as flash-attn 3 names them:
+    fp32 ``[B, Hkv]`` (or 0-d, or ``[Hkv]``), a stored ``x`` meaning ``x.float() * descale``; they are
+    :func:`tileattn.attention_with_kvcache`'s ``k_scale``/``v_scale``. Unlike flash-attn 3, q and the new ``k``/``v``
+    stay in float16, bfloat16 or float32 (flash-attn 3 takes fp8 q with a ``q_descale``, and new keys already
+    quantized): the new tokens are quantized on write with the descales."""
     if cache_seqlens is None:  # flash-attn: the whole cache is valid
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    quantized = api._quantized_cache(k_cache, v_cache)
+    if quantized or k_descale is not None or v_descale is not None:  # checked before anything below writes
+        _check_descales(q, k_cache, v_cache, k_descale, v_descale, quantized, paged=block_table is not None)
     window = _window(window_size)
     rotary_start = cache_seqlens  # positions in the cache row (flash-attn's, also with leftpad)
     seqlen_new = 0 if k is None else k.shape[1]
@@ -225,19 +235,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"k and v must be [B, S_new, Hkv, D] = [{q.shape[0]}, S_new, {k_cache.shape[2]}, "
                              f"{k_cache.shape[3]}] and [B, S_new, Hkv, D_v] with D_v = {v_cache.shape[3]}, got "
                              f"{None if k is None else tuple(k.shape)} and {None if v is None else tuple(v.shape)}")
-        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        if quantized:  # new tokens to quantize on write come in q's dtype
+            if k.dtype != q.dtype or v.dtype != q.dtype:
+                raise TypeError(f"k and v must have q's dtype {q.dtype} over fp8 caches, got {k.dtype} and {v.dtype}")
+        elif k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
             raise TypeError(f"k and v must have the cache's dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
         caches = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
         if api._may_read_device_values():
             api._check_cache_bounds(caches[0], cache_seqlens, seqlen_new, block_table)
-        write_kv(*caches, k.transpose(1, 2), v.transpose(1, 2), cache_seqlens, block_table)
+        write_kv(*caches, k.transpose(1, 2), v.transpose(1, 2), cache_seqlens, block_table, k_scale=k_descale,
+                 v_scale=v_descale)
         cache_seqlens, k, v = (cache_seqlens + seqlen_new).to(torch.int32), None, None
-    if alibi_slopes is not None:
+    if alibi_slopes is not None or quantized:
         result = api.attention_with_kvcache(
             q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens,
             k_new=None if k is None else k.transpose(1, 2), v_new=None if v is None else v.transpose(1, 2),
-            block_table=block_table, causal=causal, scale=softmax_scale, window=window, softcap=softcap or None,
-            alibi_slopes=alibi_slopes, return_lse=True, num_splits=num_splits, check_bounds=False)
+            block_table=block_table, k_scale=k_descale, v_scale=v_descale, causal=causal, scale=softmax_scale,
+            window=window, softcap=softcap or None, alibi_slopes=alibi_slopes, return_lse=True, num_splits=num_splits,
+            check_bounds=False)
         out, lse = result[0].transpose(1, 2), result[1]
         capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
         if return_softmax_lse and _alibi_column_bias(alibi_slopes, causal, window_size, capacity):
@@ -249,6 +264,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return (out, lse) if return_softmax_lse else out
     return api._attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal,
                                                  softmax_scale, window, softcap or None, return_softmax_lse, num_splits)
+
+
+def _check_descales(q, k_cache, v_cache, k_descale, v_descale, quantized, paged):
+    """flash-attn 3's descales, checked under their own names before the new tokens are written: given exactly with
+    fp8 caches ``[B, S, Hkv, D]`` (or pages), fp32 0-d, ``[Hkv]`` or ``[B, Hkv]``, and q of a dtype those take.
+    Per-token scales are tileattn's alone (:func:`tileattn.attention_with_kvcache`); here the cache may be re-viewed
+    as one-token pages (``cache_leftpad``), which a per-token scale would have to follow."""
+    if quantized:
+        api._check_quantized_dtypes(q, k_cache, v_cache)
+    for name, t in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if isinstance(t, torch.Tensor) and t.dim() > 2:
+            raise ValueError(f"{name} must be [B, Hkv] as in flash-attn 3 (or 0-d, or [Hkv]), got {list(t.shape)}; "
+                             "per-token scales go to tileattn.attention_with_kvcache's k_scale/v_scale")
+    api._check_kv_scales(k_cache.transpose(1, 2), v_cache.transpose(1, 2), k_descale, v_descale, quantized=quantized,
+                         batch=q.shape[0], paged=paged, writes=False, names=("k_descale", "v_descale"))
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
