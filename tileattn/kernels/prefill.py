@@ -26,6 +26,7 @@ from .common import (
     LOG2E, MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, initial_state, key_block_ranges, load_tile,
     mask_arguments, mask_tensor, needs_int64_index, output_like, qk_head_dim_tiling, v_head_dim_tiling,
 )
+from .hopper import HopperPlan, hopper_unsupported_reason
 from .launch import Launch, Launcher, PlanCache
 
 
@@ -207,8 +208,10 @@ class PrefillPlan(NamedTuple):
 
 
 def prefill_plan(q, k, v, *, window, scale, softcap=None, mask=None, alibi_slopes=None, sinks=None,
-                 return_lse=False, out=None, config=None) -> PrefillPlan:
-    """The :class:`PrefillPlan` of a :func:`prefill_attention` call (its arguments), cached by signature."""
+                 return_lse=False, out=None, config=None) -> PrefillPlan | HopperPlan:
+    """The :class:`PrefillPlan` of a :func:`prefill_attention` call (its arguments), cached by signature; a
+    :class:`~tileattn.kernels.hopper.HopperPlan` (same interface) where the Hopper kernel takes the call and no
+    ``config`` asks for the portable kernel's tiles."""
     key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), v.shape[-1], v.stride(),
            None if out is None else out.stride(), None if mask is None else (mask.shape, mask.stride(), mask.dtype),
            None if alibi_slopes is None else alibi_slopes.shape, sinks is not None,
@@ -221,6 +224,9 @@ def prefill_plan(q, k, v, *, window, scale, softcap=None, mask=None, alibi_slope
         plan = PrefillPlan(_prepare(q, k, v, out, lse, strides, q.shape[0], q.shape[2], k.shape[2], False,
                                     window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes,
                                     sinks=sinks, return_lse=return_lse, config=config), return_lse)
+        if config is None and hopper_unsupported_reason(q, k, v, window=window, softcap=softcap, mask=mask,
+                                                        alibi_slopes=alibi_slopes, sinks=sinks, out=out) is None:
+            plan = HopperPlan(q, k, v, out, causal=window[1] == 0, scale=scale, return_lse=return_lse, portable=plan)
         _plans.remember(key, plan)
     return plan
 
