@@ -117,6 +117,15 @@ def test_cpu_calls_get_the_portable_plan():
     assert isinstance(prefill_plan(q, k, v, window=PLAIN, scale=0.125), PrefillPlan)
 
 
+def test_explain_names_the_prefill_kernel_and_why():
+    q, k, v = cpu_call()
+    assert "portable prefill kernel (Hopper kernel: not a CUDA tensor)" in str(tileattn.explain(q, k, v, backend="triton"))
+    masked = tileattn.explain(q, k, v, mask=torch.ones(2048, 2048, dtype=torch.bool), backend="triton")
+    assert "(Hopper kernel: mask)" in str(masked)
+    decode = tileattn.explain(q[:, :, :1], k, v, backend="triton")  # the split-KV decode kernel: no prefill kernel
+    assert decode.backend == "triton" and "prefill kernel" not in decode.reason
+
+
 # ---- on an H100 / H200 with Triton 3.6 -----------------------------------------------------------------------
 
 def _hopper_reason():
@@ -268,6 +277,13 @@ def test_attention_goes_through_the_hopper_plan(monkeypatch, fresh_caches):
     assert len(runs) == 2
     assert isinstance(prefill_plan(q, k, v, window=CAUSAL, scale=128**-0.5), PrefillPlan)
     assert_matches_oracle(out, q, k, v, causal=True)
+
+
+@needs_hopper
+def test_explain_names_the_hopper_kernel():
+    q, k, v = random_qkv(1, 8, 2, 2048, 2048, 128, dtype=torch.bfloat16, device="cuda", layout="bshd")
+    assert str(tileattn.explain(q, k, v, causal=True, backend="triton")).endswith("runs the Hopper prefill kernel")
+    assert "sliding window" in str(tileattn.explain(q, k, v, window=(256, 0), backend="triton"))
 
 
 @needs_hopper
