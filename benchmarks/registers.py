@@ -70,19 +70,30 @@ def prefill(head_dim, causal, dtype, alibi=False, sinks=False, head_dim_v=None):
 
 
 def decode(head_dim, causal, dtype, batch=1, kv_heads=8, group=4, split=True, alibi=False, sinks=False,
-           head_dim_v=None):
+           head_dim_v=None, kv_dtype=None, scale_mode=0, append=False, paged=0):
     """The split-KV decode kernel for one query token per sequence, its H100 tile for this grid (before
-    ``fit_config``'s shared-memory fitting)."""
+    ``fit_config``'s shared-memory fitting). ``kv_dtype``: the caches' Triton type (default ``dtype``; ``"fp8e4nv"``
+    or ``"fp8e5"`` for fp8 caches, with ``scale_mode`` one of ``common.SCALE_*``'s values for both); ``append``:
+    with the fused write of new tokens; ``paged``: ``common.PAGED_*``'s value."""
     from tileattn.kernels import decode as module
+    from tileattn.kernels.common import token_scale_headroom
+
+    import torch
 
     block_m = min(64, max(16, 1 << (group - 1).bit_length()))
     block_n, num_warps, num_stages = module.choose_config(batch, kv_heads, 1, 132)
-    types = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Lse="fp32", Workspace="fp32", SplitsDone="i32",
-                 BlockTable="i32", CacheSeqlens="i32", Mask="i8", KNew=dtype, VNew=dtype, Alibi="fp32", Sinks="fp32")
+    kv_dtype = kv_dtype or dtype
+    fp8 = {"fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}.get(kv_dtype)
+    types = dict(Q=dtype, K=kv_dtype, V=kv_dtype, Out=dtype, Lse="fp32", Workspace="fp32", SplitsDone="i32",
+                 BlockTable="i32", CacheSeqlens="i32", Mask="i8", KNew=dtype, VNew=dtype, Alibi="fp32", Sinks="fp32",
+                 KScale="fp32", VScale="fp32")
+    largest = float(torch.finfo(fp8).max) if fp8 else 0.0
     constexprs = dict(**head_dim_constexprs(head_dim, head_dim_v or head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                      HAS_LEFT=False, HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False, PAGED=0,
-                      HAS_SEQLENS=True, APPEND=False, SPLIT=split, RETURN_LSE=False, INT64_INDEX=False,
-                      DOT_PRECISION="tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks)
+                      HAS_LEFT=False, HAS_RIGHT=causal, MASK_KIND=0, MASK_PER_KEY=False, HAS_SOFTCAP=False,
+                      PAGED=paged, HAS_SEQLENS=True, APPEND=append, SPLIT=split, RETURN_LSE=False, INT64_INDEX=False,
+                      DOT_PRECISION="tf32", HAS_ALIBI=alibi, HAS_SINKS=sinks, K_SCALE=scale_mode, V_SCALE=scale_mode,
+                      K_FP8_MAX=largest, V_FP8_MAX=largest,
+                      V_TOKEN_HEADROOM=token_scale_headroom(fp8) if fp8 and scale_mode == 2 else 1.0)
     return build(module._decode_kernel, types, constexprs, num_warps, num_stages)
 
 
@@ -112,10 +123,18 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
     parser.add_argument("--alibi", action="store_true")
     parser.add_argument("--sinks", action="store_true")
+    parser.add_argument("--kv-dtype", choices=["fp8e4nv", "fp8e5"], help="decode only: an fp8 cache")
+    parser.add_argument("--scale-mode", type=int, default=1, choices=[1, 2],
+                        help="decode over an fp8 cache: 1 = a scale per program (tensor, KV head), 2 = per token")
+    parser.add_argument("--append", action="store_true", help="decode only: with the fused write of new tokens")
+    parser.add_argument("--paged", type=int, default=0, choices=[0, 1, 2], help="decode only: common.PAGED_*")
     args = parser.parse_args()
     if args.kernel == "backward":
         print(backward(args.head_dim, args.causal, args.dtype))
+    elif args.kernel == "decode":
+        print(decode(args.head_dim, args.causal, args.dtype, alibi=args.alibi, sinks=args.sinks,
+                     head_dim_v=args.head_dim_v, kv_dtype=args.kv_dtype,
+                     scale_mode=args.scale_mode if args.kv_dtype else 0, append=args.append, paged=args.paged))
     else:
-        print((prefill if args.kernel == "prefill" else decode)(args.head_dim, args.causal, args.dtype,
-                                                                alibi=args.alibi, sinks=args.sinks,
-                                                                head_dim_v=args.head_dim_v))
+        print(prefill(args.head_dim, args.causal, args.dtype, alibi=args.alibi, sinks=args.sinks,
+                      head_dim_v=args.head_dim_v))

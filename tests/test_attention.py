@@ -270,7 +270,7 @@ def test_auto_gives_varlen_and_kvcache_calls_that_require_grad_a_backward(monkey
     """Where auto picks the varlen or decode kernel (CUDA; forced here), a call that requires grad runs on a path with
     a backward instead: the gradients of q, k, v (and of the appended tokens) are the torch backend's."""
     monkeypatch.setattr(tileattn.dispatch, "choose_backend",
-                        lambda q, v, requested: "triton" if requested == "auto" else requested)
+                        lambda q, v, requested, k=None: "triton" if requested == "auto" else requested)
     tileattn.api._prepared.clear()
     q, k, v = (t[0].transpose(0, 1) for t in random_qkv(1, 4, 2, 8, 8, 16, dtype=torch.float32, device=DEVICE))
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)

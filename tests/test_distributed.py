@@ -340,7 +340,11 @@ def _single_rank_equals_attention(device, dtype):
         for variant in ("ring", "allgather"):
             out, lse = cp.ring_attention(q, k, v, return_lse=True, variant=variant, **options)
             ref, ref_lse = tileattn.attention(q, k, v, return_lse=True, **options)
-            torch.testing.assert_close(out, ref, msg=lambda m, where=f"{options} {variant}": f"{where}: {m}")
+            assert_matches_oracle(out, q, k, v, lse=lse, **options)
+            # The zigzag layout cuts even one rank's sequence in two chunks: a row's blocks come back in q's dtype
+            # and merge in fp32, so in bf16 it may differ from one call by a rounding of each block.
+            close = dict(atol=2 ** -7, rtol=1.6e-2) if dtype == torch.bfloat16 else {}
+            torch.testing.assert_close(out, ref, **close, msg=lambda m, where=f"{options} {variant}": f"{where}: {m}")
             torch.testing.assert_close(lse, ref_lse, msg=lambda m, where=f"{options} {variant}": f"{where}: {m}")
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         cp.ring_attention(*leaves, **options).float().square().sum().backward()

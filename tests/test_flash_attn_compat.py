@@ -52,7 +52,7 @@ def kvcache_backend(request, monkeypatch):
     """``auto``'s own choice, or the Triton kernel forced (on CPU through the interpreter), which takes
     ``[B, S, H, D]`` tensors as they are."""
     if request.param == "triton":
-        monkeypatch.setattr(dispatch, "choose_backend", lambda q, v, requested: "triton")
+        monkeypatch.setattr(dispatch, "choose_backend", lambda q, v, requested, k=None: "triton")
         api._prepared.clear()
         yield "triton"
         api._prepared.clear()
@@ -370,7 +370,7 @@ def grad_backend(request, monkeypatch):
     sequence."""
     if request.param == "triton":
         monkeypatch.setattr(dispatch, "decide", lambda *args, **kwargs: dispatch.Decision("triton", "the test's"))
-        monkeypatch.setattr(dispatch, "choose_backend", lambda q, v, requested: "triton")
+        monkeypatch.setattr(dispatch, "choose_backend", lambda q, v, requested, k=None: "triton")
         api._prepared.clear()
         yield "triton"
         api._prepared.clear()

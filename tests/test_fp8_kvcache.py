@@ -1,6 +1,14 @@
-"""FP8 KV caches (issue 16, PyTorch backends): ``tileattn.quant``'s write rule against a rounding written from its
-definition, the bytes ``attention_with_kvcache`` stores for new tokens, attention over the stored cache against the
-float64 oracle over its dequantized values, the argument checks, ``PagedKVCache`` and flash-attn 3's descales."""
+"""FP8 KV caches (issue 16): ``tileattn.quant``'s write rule against a rounding written from its definition, the bytes
+``attention_with_kvcache`` stores for new tokens, attention over the stored cache against the float64 oracle over its
+dequantized values, the argument checks, ``PagedKVCache`` and flash-attn 3's descales; on the PyTorch backends and
+the Triton decode kernel.
+
+The Triton kernel runs on the CPU through Triton's interpreter, which reads fp8 exactly but narrows to fp8 wrongly
+(BLUEPRINT.md): there its output is checked against the oracle over what it stored, and its stored bytes against
+``quant.quantize`` only for values the interpreter narrows exactly (fp8 codes at power-of-two scales, saturation,
+NaN, zeros); every byte it writes is checked on the GPU."""
+
+import types
 
 import pytest
 import torch
@@ -12,7 +20,7 @@ from tileattn.cache import PagedKVCache, write_kv
 from tileattn.reference import gather_cache, tiled_attention
 from tileattn.testing import assert_matches_oracle
 
-from conftest import DEVICE
+from conftest import DEVICE, KERNEL_DTYPES
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 # "head" is [Hkv], "batch_head" [B, Hkv] (flash-attn 3's descale): both per KV head, told apart by rank
@@ -173,14 +181,16 @@ def write_scale(granularity, scale, new, b, fmt):
     return scale[b:b + 1] if granularity == "batch_head" else scale
 
 
-def check_stored_new_tokens(cache, before, scale, scale_before, granularity, new, lengths, table, fmt):
-    """The new tokens' bytes are ``quantize`` of them by the rule (per-token scales stored at their positions);
-    older tokens and their scales are untouched."""
+def check_stored_new_tokens(cache, before, scale, scale_before, granularity, new, lengths, table, fmt,
+                            new_bytes=True):
+    """The new tokens' bytes are ``quantize`` of them by the rule (per-token scales stored at their positions; the
+    bytes only with ``new_bytes``, the scales always); older tokens and their scales are untouched."""
     sq = new.shape[2]
     for b, length in enumerate(lengths):
         stored = gather_cache(cache, b, length + sq, table)
         expected = quant.quantize(new[b:b + 1], write_scale(granularity, scale, new, b, fmt), fmt)[0]
-        assert torch.equal(stored[:, length:].view(torch.uint8), expected.view(torch.uint8)), f"sequence {b}"
+        if new_bytes:
+            assert torch.equal(stored[:, length:].view(torch.uint8), expected.view(torch.uint8)), f"sequence {b}"
         assert torch.equal(stored[:, :length].view(torch.uint8),
                            gather_cache(before, b, length, table).view(torch.uint8))
         if granularity == "token":
@@ -190,15 +200,33 @@ def check_stored_new_tokens(cache, before, scale, scale_before, granularity, new
 
 
 def check_against_dequantized_oracle(out, lse, q, caches, scales, granularities, lengths, table, **options):
+    slopes = options.get("alibi_slopes")
     for b, length in enumerate(lengths):
         k, v = (dequantized(c, s, g, b, length, table)[None] for c, s, g in zip(caches, scales, granularities))
+        if slopes is not None and slopes.dim() == 2:  # per sequence
+            options["alibi_slopes"] = slopes[b:b + 1]
         assert_matches_oracle(out[b:b + 1], q[b:b + 1], k, v, lse=None if lse is None else lse[b:b + 1], **options)
 
 
+def poison_allocator(shape, dtype):
+    """Free a NaN-filled block the size of a call's output just before the call, so that its ``torch.empty`` output
+    starts as NaN wherever the allocator hands the block back (CUDA's caching allocator does; on the CPU it is best
+    effort): an element the kernel leaves unwritten then shows as NaN."""
+    poison = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    del poison
+
+
+def interpreter_stores_exactly(backend):
+    """Whether a call on ``backend`` stores new tokens bit-exactly by the rule for any values: not the Triton kernel
+    in the interpreter (whose fp8 narrowing is wrong), the GPU's and the PyTorch backends' always."""
+    return backend != "triton" or DEVICE == "cuda"
+
+
 def run_fp8_step(backend, fmts, granularities, page_size, append, group, sq, lengths, *, dtype=torch.float16,
-                 **options):
-    """One ``attention_with_kvcache`` call over fresh fp8 caches, checked: stored bytes (with ``append``) and the
-    result against the oracle over the dequantized stored cache. Returns the call's ``(out, lse)``."""
+                 num_splits=0, **options):
+    """One ``attention_with_kvcache`` call over fresh fp8 caches, checked: stored bytes (with ``append``; for the
+    Triton kernel in the interpreter its per-token scales only) and the result against the oracle over the
+    dequantized stored cache. Returns the call's ``(out, lse)``."""
     b, hkv, d = len(lengths), 2, 32
     k_cache, v_cache, k_scale, v_scale, table = make_fp8_cache(b, hkv, d, capacity=80, fmts=fmts,
                                                                granularities=granularities, page_size=page_size)
@@ -208,14 +236,16 @@ def run_fp8_step(backend, fmts, granularities, page_size, append, group, sq, len
     v_new[0, 0, -1, :4] *= 1e3  # saturates e4m3 at a per-tensor or per-head scale near 1 (a value: logits stay small)
     k_new, v_new = k_new.to(dtype), v_new.to(dtype)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    poison_allocator((*q.shape[:3], d), dtype)
     out, lse = tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table,
                                                k_new=k_new if append else None, v_new=v_new if append else None,
                                                k_scale=k_scale, v_scale=v_scale, return_lse=True, backend=backend,
-                                               **options)
+                                               num_splits=num_splits, **options)
     if append:
         for cache, old, scale, old_scale, g, new, fmt in zip((k_cache, v_cache), before[:2], (k_scale, v_scale),
                                                              before[2:], granularities, (k_new, v_new), fmts):
-            check_stored_new_tokens(cache, old, scale, old_scale, g, new, lengths, table, fmt)
+            check_stored_new_tokens(cache, old, scale, old_scale, g, new, lengths, table, fmt,
+                                    new_bytes=interpreter_stores_exactly(backend))
     else:
         assert all(torch.equal(t.view(torch.uint8) if t.dtype in FORMATS else t, o.view(torch.uint8) if
                                o.dtype in FORMATS else o) for t, o in zip((k_cache, v_cache, k_scale, v_scale), before))
@@ -326,7 +356,173 @@ def test_queries_get_gradients_over_an_fp8_cache():
     assert k_new.grad is None and v_new.grad is None
 
 
-def test_auto_runs_fp8_caches_on_the_torch_backend_and_triton_refuses_them():
+# ---- the Triton decode kernel over fp8 caches -------------------------------------------------------------------
+
+# (group, sq, append, num_splits): GQA decode writing its token; chunked prefill / speculative verification (Sq 3)
+# merged over 3 key splits; attending without new tokens over 2 splits (the empty cache's rows then see no key).
+TRITON_STEPS = [(4, 1, True, 0), (1, 3, True, 3), (4, 2, False, 2)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("group, sq, append, num_splits", TRITON_STEPS)
+def test_triton_fp8_cache_matches_oracle_over_what_it_stores(fmt, granularity, page_size, group, sq, append,
+                                                              num_splits):
+    """Lengths 0 (an empty cache), 17 and 70 (ragged last blocks); the new tokens' bytes are checked on the GPU."""
+    run_fp8_step("triton", (fmt, fmt), (granularity, granularity), page_size, append, group, sq, [0, 17, 70],
+                 num_splits=num_splits)
+
+
+@pytest.mark.parametrize("page_size", [None, 16, 32])  # 32: whole key blocks of the interpreter's tile per page
+def test_triton_k_and_v_may_differ_in_format_and_granularity(page_size):
+    run_fp8_step("triton", (torch.float8_e4m3fn, torch.float8_e5m2), ("token", "batch_head"), page_size, True, 4, 3,
+                 [3, 40])
+    run_fp8_step("triton", (torch.float8_e5m2, torch.float8_e4m3fn), ("tensor", "token"), page_size, True, 2, 1,
+                 [0, 33], num_splits=2)
+
+
+@pytest.mark.parametrize("granularity", ["head", "token"])
+@pytest.mark.parametrize("options", [dict(window=(20, None)), dict(softcap=3.0), dict(causal=False),
+                                     dict(window=(6, 2), causal=False), "sinks", "alibi"], ids=str)
+def test_triton_fp8_options(granularity, options):
+    hq = 8
+    if options == "sinks":
+        options = dict(sinks=torch.randn(hq, device=DEVICE))
+    elif options == "alibi":
+        options = dict(alibi_slopes=torch.rand(2, hq, device=DEVICE))
+    run_fp8_step("triton", (torch.float8_e4m3fn,) * 2, (granularity,) * 2, 16, True, hq // 2, 3, [30, 64],
+                 num_splits=2, **options)
+
+
+@pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float16], ids=str)  # bf16 on the GPU
+def test_triton_fp8_cache_with_other_query_dtypes(dtype):
+    run_fp8_step("triton", (torch.float8_e4m3fn, torch.float8_e5m2), ("token", "head"), 16, True, 4, 3, [11, 50],
+                 dtype=dtype)
+
+
+# Power-of-two scales (exponent ranges) at which fp8 codes stay exact in fp16 and moderate enough for fp16 products
+# with q (the naive baseline's): e5m2's codes span 2^-16 .. 2^15, more than fp16 holds, so its smallest are left out.
+EXACT_SCALE_EXPONENTS = {torch.float8_e4m3fn: (-5, -3), torch.float8_e5m2: (-11, -9)}
+SMALLEST_EXACT_CODE = {torch.float8_e4m3fn: 0.0, torch.float8_e5m2: 2.0 ** -11}
+
+
+def exact_scales(shape, fmt):
+    low, high = EXACT_SCALE_EXPONENTS[fmt]
+    return 2.0 ** torch.randint(low, high + 1, shape, device=DEVICE).float()
+
+
+def exactly_stored_tokens(shape, fmt, scale=None):
+    """New tokens ``[B, Hkv, Sq, D]`` (fp32, exact in fp16) whose quotients by their scale the interpreter narrows
+    exactly: random finite codes of ``fmt`` (normal and, in e4m3fn, subnormal) times the scale. With a fixed
+    ``scale`` (:func:`exact_scales` broadcast as ``[B or 1, Hkv or 1, 1, 1]``) every sequence but the first also gets
+    a few values beyond the largest code, which saturate; without, for per-token scales (computed on write), each
+    token gets one element of magnitude ``FP8_MAX * 2^e``, its amax, so that its scale is ``2^e``."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fmt).float()
+    codes = codes[torch.isfinite(codes) & ((codes.abs() >= SMALLEST_EXACT_CODE[fmt]) | (codes == 0))]
+    values = codes[torch.randint(len(codes), shape)].to(DEVICE)
+    largest = quant.FP8_MAX[fmt]
+    signs = torch.randint(2, (*shape[:3], 1), device=DEVICE).float() * 2 - 1
+    if scale is None:
+        values[..., :1] = largest * signs
+        return values * exact_scales((*shape[:3], 1), fmt)
+    values[1:, :, :, :3] = 1.5 * largest * signs[1:]
+    return values * scale
+
+
+def fixed_scale_over_tokens(scale, granularity, kv_heads):
+    """A tensor, per-head or per-sequence-and-head scale as ``[B or 1, Hkv or 1, 1, 1]``."""
+    return scale.view({"tensor": (1, 1), "head": (1, kv_heads), "batch_head": tuple(scale.shape)}[granularity]
+                      + (1, 1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_triton_stores_new_tokens_by_the_rule(fmt, granularity, page_size):
+    """The kernel's write path, byte for byte against ``quant.quantize`` also in the interpreter (values it narrows
+    exactly, see :func:`exactly_stored_tokens`): saturation, NaN and infinities stored as NaN (and so NaN rows), an
+    all-zero token (zeros; per-token scale 1.0), per-token scales stored at the tokens' positions; a head dim the
+    write's column chunks do not divide."""
+    b, hkv, sq, d, lengths = 3, 2, 2, 40, [5, 21, 0]
+    k_cache, v_cache, k_scale, v_scale, table = make_fp8_cache(b, hkv, d, capacity=48, fmts=(fmt, fmt),
+                                                               granularities=(granularity,) * 2, page_size=page_size)
+    if granularity == "token":
+        k_new, v_new = (exactly_stored_tokens((b, hkv, sq, d), fmt) for _ in range(2))
+    else:  # powers of two: the quotients stay codes
+        k_scale, v_scale = (exact_scales(s.shape, fmt) for s in (k_scale, v_scale))
+        k_new, v_new = (exactly_stored_tokens((b, hkv, sq, d), fmt, fixed_scale_over_tokens(s, granularity, hkv))
+                        for s in (k_scale, v_scale))
+    assert torch.equal(k_new.half().float(), k_new) and torch.equal(v_new.half().float(), v_new)
+    k_new[2, 0, 0], v_new[2, 0, 0] = 0.0, 0.0  # KV head 0 of sequence 2: an all-zero token
+    k_new[2, 1, 0, 5], k_new[2, 1, 1, 7], v_new[2, 1, 1, 3] = float("nan"), float("inf"), float("-inf")
+    k_new, v_new = k_new.half(), v_new.half()
+    q = torch.randn(b, 2 * hkv, sq, d, device=DEVICE, dtype=torch.float16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    before = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    options = dict(causal=True, scale=0.05)  # logits of a few units over keys up to ~100
+    out, lse = tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new,
+                                               v_new=v_new, k_scale=k_scale, v_scale=v_scale, return_lse=True,
+                                               backend="triton", **options)
+    for cache, old, scale, old_scale, new in ((k_cache, before[0], k_scale, before[2], k_new),
+                                              (v_cache, before[1], v_scale, before[3], v_new)):
+        check_stored_new_tokens(cache, old, scale, old_scale, granularity, new, lengths, table, fmt)
+    if granularity == "token":
+        assert (gather_cache(k_scale[..., None], 2, 2, table)[0, 0] == 1.0).all()  # the all-zero token's
+    if DEVICE == "cuda":  # the interpreter widens fp8 NaN codes to finite values (e4m3fn's to 480)
+        assert torch.isnan(out[2, 2:]).all()  # query heads 2, 3 read KV head 1, whose first new key is NaN
+    total = [n + sq for n in lengths]
+    check_against_dequantized_oracle(out[:2], lse[:2], q[:2], (k_cache, v_cache), (k_scale, v_scale),
+                                     (granularity,) * 2, total[:2], table, **options)
+    k, v = (dequantized(c, s, granularity, 2, total[2], table)[None, :1]
+            for c, s in ((k_cache, k_scale), (v_cache, v_scale)))
+    assert_matches_oracle(out[2:, :2], q[2:, :2], k, v, lse=lse[2:, :2], **options)
+
+
+def tokens_over_the_whole_range(shape, fmt, dtype, scale):
+    """New tokens of every kind of magnitude: random ones from far below the smallest subnormal code to beyond the
+    largest, exact ties between neighbouring codes and codes themselves at the (power-of-two) scale, fp32
+    subnormals (in bf16 and fp32), zeros, NaN and infinities; ``dtype`` values."""
+    x = torch.randn(shape) * 2.0 ** torch.empty(shape).uniform_(-24, 20)
+    edges = ties_and_edges(fmt)
+    picks = torch.rand(shape) < 0.3
+    x[picks] = (edges[torch.randint(len(edges), (int(picks.sum()),))]
+                * torch.where(torch.rand(int(picks.sum())) < 0.5, -1.0, 1.0))
+    x = x.to(DEVICE) * scale
+    if dtype != torch.float16:
+        x.view(-1)[:4] = torch.tensor([1e-39, -3e-40, 1e-45, 0.0])
+    x.view(-1)[4:8] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
+    return x.to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_triton_quantizes_every_value_as_quant_does(fmt, granularity, dtype, page_size):
+    """On the GPU the kernel's bytes are ``quant.quantize``'s for any value: rounding to nearest even at exact ties,
+    saturation, subnormal codes, underflow to zero, NaN and infinities; per-token scales (amax rule) likewise."""
+    b, hkv, sq, d, lengths = 2, 2, 3, 128, [70, 1]
+    k_cache, v_cache, k_scale, v_scale, table = make_fp8_cache(b, hkv, d, capacity=192, fmts=(fmt, fmt),
+                                                               granularities=(granularity,) * 2, page_size=page_size)
+    if granularity != "token":
+        k_scale, v_scale = (2.0 ** torch.randint(-3, 3, s.shape, device=DEVICE).float() for s in (k_scale, v_scale))
+    power = 2.0 ** torch.randint(-3, 3, ()).item()  # ties stay ties at a power-of-two scale
+    k_new, v_new = (tokens_over_the_whole_range((b, hkv, sq, d), fmt, dtype, power) for _ in range(2))
+    q = torch.randn(b, 4 * hkv, sq, d, device=DEVICE, dtype=dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    before = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new, v_new=v_new,
+                                    k_scale=k_scale, v_scale=v_scale, backend="triton")
+    for cache, old, scale, old_scale, new in ((k_cache, before[0], k_scale, before[2], k_new),
+                                              (v_cache, before[1], v_scale, before[3], v_new)):
+        check_stored_new_tokens(cache, old, scale, old_scale, granularity, new, lengths, table, fmt)
+
+
+def test_auto_and_triton_take_fp8_caches():
+    """``auto`` runs fp8 caches on the Triton kernel on CUDA (the tiled path on the CPU, as any KV-cache call), and
+    ``backend="triton"`` takes them everywhere it runs, ALiBi and sinks included; the two agree."""
     args = make_fp8_cache(2, 2, 16, capacity=30, fmts=(torch.float8_e4m3fn,) * 2, granularities=("head",) * 2,
                           page_size=16)
     q, k_new, v_new = (torch.randn(2, h, 1, 16, device=DEVICE, dtype=torch.float16) for h in (4, 2, 2))
@@ -334,21 +530,102 @@ def test_auto_runs_fp8_caches_on_the_torch_backend_and_triton_refuses_them():
 
     def step(backend, **extra):
         k_cache, v_cache, k_scale, v_scale, table = (t.clone() for t in args)
+        out, lse = tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new,
+                                                   v_new=v_new, k_scale=k_scale, v_scale=v_scale, return_lse=True,
+                                                   backend=backend, **extra)
+        check_against_dequantized_oracle(out, lse, q, (k_cache, v_cache), (k_scale, v_scale), ("head",) * 2,
+                                         [4, 18], table, causal=True, **extra)
+        return out, lse, k_cache, v_cache
+
+    assert dispatch.triton_call_unsupported_reason(q, args[1], args[0]) is None
+    assert dispatch.choose_backend(q, args[1], "auto", k=args[0]) == ("triton" if DEVICE == "cuda" else "torch")
+    for extra in ({}, dict(alibi_slopes=torch.rand(4, device=DEVICE)), dict(sinks=torch.randn(4, device=DEVICE))):
+        auto, triton = step("auto", **extra), step("triton", **extra)
+        if DEVICE == "cuda":  # the same kernel
+            for got, expected in zip(auto, triton):
+                assert torch.equal(got.view(torch.uint8) if got.dtype in FORMATS else got,
+                                   expected.view(torch.uint8) if expected.dtype in FORMATS else expected)
+
+
+def test_triton_refuses_e4m3_caches_where_the_gpu_cannot_convert_them(monkeypatch):
+    """Triton converts float8_e4m3fn only from compute capability 8.9 (Ada, Hopper) on: an Ampere GPU runs such
+    caches on the tiled path under ``auto``, and ``backend="triton"`` says why; float8_e5m2 runs everywhere."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda_q = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16)  # only its device is read
+    e4m3, e5m2 = (torch.empty(1, 1, 1, 1, dtype=fmt) for fmt in FORMATS)
+    reason = dispatch.quantized_cache_reason(cuda_q, e5m2, e4m3)
+    assert "float8_e4m3fn KV caches need compute capability 8.9" in reason and "8.0" in reason
+    assert dispatch.quantized_cache_reason(cuda_q, e5m2, e5m2) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dispatch.quantized_cache_reason(cuda_q, e4m3, e5m2) is None
+
+
+@pytest.mark.parametrize("granularity", ["batch_head", "token"])
+def test_fp8_decode_step_compiles(granularity):
+    """Under ``torch.compile(fullgraph=True)`` the new tokens are written by PyTorch indexing (``write_kv``, the
+    rule exactly) and the decode op reads the fp8 cache with its scales: the oracle over what it stored, and on the
+    GPU the same bytes and result as the eager kernel."""
+    caches = make_fp8_cache(2, 2, 32, capacity=64, fmts=(torch.float8_e4m3fn,) * 2,
+                            granularities=(granularity,) * 2, page_size=16)
+    table = caches[4]
+    q = torch.randn(2, 4, 1, 32, device=DEVICE, dtype=torch.float16)
+    k_new, v_new = (torch.randn(2, 2, 1, 32, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    seqlens = torch.tensor([10, 40], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale):
         return tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new,
                                                v_new=v_new, k_scale=k_scale, v_scale=v_scale, return_lse=True,
-                                               backend=backend, **extra)
+                                               backend="triton")
 
-    for got, expected in zip(step("auto"), step("torch")):
-        assert torch.equal(got, expected)
-    assert dispatch.choose_backend(q, args[1], "auto") == "torch"
-    assert "fp8 KV caches run on the PyTorch backends" in dispatch.triton_call_unsupported_reason(q, args[1])
-    for extra in ({}, dict(alibi_slopes=torch.rand(4, device=DEVICE, requires_grad=True)),
-                  dict(sinks=torch.randn(4, device=DEVICE))):
-        with pytest.raises(ValueError, match="backend='triton'.*fp8 KV caches run on the PyTorch backends"):
-            step("triton", **extra)
+    eager = [t.clone() for t in caches[:4]]
+    expected = step(q, k_new, v_new, *eager)
+    before = [t.clone() for t in caches[:4]]
+    torch._dynamo.reset()
+    out, lse = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")(
+        q, k_new, v_new, *caches[:4])
+    k_cache, v_cache, k_scale, v_scale = caches[:4]
+    for cache, old, scale, old_scale, new in ((k_cache, before[0], k_scale, before[2], k_new),
+                                              (v_cache, before[1], v_scale, before[3], v_new)):
+        check_stored_new_tokens(cache, old, scale, old_scale, granularity, new, [10, 40], table, torch.float8_e4m3fn)
+    check_against_dequantized_oracle(out, lse, q, (k_cache, v_cache), (k_scale, v_scale), (granularity,) * 2,
+                                     [11, 41], table, causal=True)
+    if DEVICE == "cuda":
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(caches[:2], eager[:2]))
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
 
 
-def test_fp8_validation_names_the_argument():
+@pytest.mark.gpu
+def test_fp8_decode_step_cuda_graph_replay():
+    """A decode step over a per-token fp8 cache that writes its new token, captured in a CUDA graph: each replay
+    writes and attends as an eager call does."""
+    from tileattn.testing import capture_graph
+
+    b, hkv, d = 4, 8, 128
+    k_cache, v_cache, k_scale, v_scale, _ = make_fp8_cache(b, hkv, d, capacity=1024, fmts=(torch.float8_e4m3fn,) * 2,
+                                                           granularities=("token",) * 2, page_size=None)
+    seqlens = torch.tensor([100, 500, 900, 1000], dtype=torch.int32, device="cuda")
+    q = torch.randn(b, 32, 1, d, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    caches = (k_cache, v_cache, k_scale, v_scale)
+
+    def step(k_cache, v_cache, k_scale, v_scale):
+        return tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
+                                               k_scale=k_scale, v_scale=v_scale)
+
+    graph, out = capture_graph(lambda: step(*caches))
+    for t in (q, k_new, v_new):
+        t.copy_(torch.randn_like(t))  # new inputs, same buffers
+    eager = [t.clone() for t in caches]
+    graph.replay()
+    torch.testing.assert_close(out, step(*eager), rtol=0, atol=0)
+    assert all(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+               for a, b in zip(caches, eager))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_validation_names_the_argument(backend):
+    """Bad scales are refused up front with the argument named, on the kernel's path as on the PyTorch one."""
     k_cache, v_cache, k_scale, v_scale, table = make_fp8_cache(2, 2, 16, capacity=32, fmts=(torch.float8_e4m3fn,) * 2,
                                                                granularities=("token",) * 2, page_size=16)
     q, k_new, v_new = (torch.randn(2, h, 1, 16, device=DEVICE, dtype=torch.float16) for h in (4, 2, 2))
@@ -356,7 +633,7 @@ def test_fp8_validation_names_the_argument():
 
     def call(**changes):
         arguments = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens, block_table=table,
-                         k_new=k_new, v_new=v_new, k_scale=k_scale, v_scale=v_scale, backend="torch")
+                         k_new=k_new, v_new=v_new, k_scale=k_scale, v_scale=v_scale, backend=backend)
         arguments.update(changes)
         return tileattn.attention_with_kvcache(**arguments)
 
@@ -393,8 +670,7 @@ def test_fp8_validation_names_the_argument():
     call(k_scale=broadcast, k_new=None, v_new=None)  # only read: fine
     with pytest.raises(ValueError, match=r"v_scale must not require grad.*v_new"):
         call(v_scale=v_scale.clone().requires_grad_())
-    with pytest.raises(ValueError, match="backend='triton'"):
-        call(backend="triton")
+    call()
 
 
 def test_a_cached_fp8_signature_lets_no_bad_scale_through():
@@ -429,11 +705,13 @@ def test_a_cached_fp8_signature_lets_no_bad_scale_through():
 
 # ---- PagedKVCache and flash-attn 3's descales --------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("granularity", quant.GRANULARITIES)
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
-def test_paged_fp8_cache_serving_loop(granularity, fmt):
+def test_paged_fp8_cache_serving_loop(granularity, fmt, backend):
     """Prompts appended (quantized on write), then decode and chunked-prefill steps through
-    ``PagedKVCache.attention``, each against the oracle over what the pools store."""
+    ``PagedKVCache.attention`` (the kernel writing each step's tokens), each against the oracle over what the pools
+    store."""
     fixed = {} if granularity == "token" else dict(
         k_scale=quant.calibrate_scales(torch.randn(1, 2, 64, 32) * 3, fmt, granularity),
         v_scale=quant.calibrate_scales(torch.randn(1, 2, 64, 32), fmt, granularity))
@@ -451,7 +729,7 @@ def test_paged_fp8_cache_serving_loop(granularity, fmt):
     for sq in (1, 3, 1):
         q = torch.randn(2, 4, sq, 32, device=DEVICE, dtype=torch.float16)
         k_new, v_new = (torch.randn(2, 2, sq, 32, device=DEVICE, dtype=torch.float16) for _ in range(2))
-        out, lse = cache.attention(seqs, q, k_new=k_new, v_new=v_new, return_lse=True, backend="torch")
+        out, lse = cache.attention(seqs, q, k_new=k_new, v_new=v_new, return_lse=True, backend=backend)
         args = cache.kernel_args(seqs)
         lengths = args["cache_seqlens"].tolist()
         check_against_dequantized_oracle(out, lse, q, (args["k_cache"], args["v_cache"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -119,13 +120,13 @@ def _bias_backend(q, k, v, backend, alibi_slopes, sinks, mask=None):
         given = " and ".join(n for n, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if t is not None)
         raise ValueError(f"{given} run on backend 'triton', 'torch' or 'naive' (or 'auto'); backend={backend!r} "
                          "does not take them")
-    if backend == "triton" and isinstance(v, torch.Tensor):  # an fp8 cache is refused before any rerouting
-        reason = dispatch.quantized_cache_reason(v)
+    if backend == "triton" and isinstance(v, torch.Tensor) and isinstance(k, torch.Tensor):
+        reason = dispatch.quantized_cache_reason(q, k, v)  # an fp8 cache it cannot read is refused before rerouting
         if reason:
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
     if backend in ("auto", "triton") and _tiled_for_gradients(q, k, v, mask, alibi_slopes, sinks):
         return "torch"  # as attention() without biases does
-    return dispatch.choose_backend(q, v, backend)
+    return dispatch.choose_backend(q, v, backend, k=k)
 
 
 def _tiled_for_gradients(q, k, v, mask, alibi_slopes=None, sinks=None) -> str | None:
@@ -355,9 +356,15 @@ def explain(q, k, v, *, causal=False, scale=None, mask=None, window=None, softca
         return dispatch.Decision("torch", rerouted)
     if decision.backend == "triton" and not dispatch.decode_shaped(q, k):
         from . import ops
-        kernel = ops.prefill_kernel(q, k, v, mask=mask, window=window, softcap=softcap)
-        return dispatch.Decision("triton", f"{decision.reason}; runs {kernel}")
+        return _naming_the_kernel(decision, ops.prefill_kernel(q, k, v, mask=mask, window=window, softcap=softcap))
     return decision
+
+
+@functools.lru_cache(maxsize=256)
+def _naming_the_kernel(decision: dispatch.Decision, kernel: str) -> dispatch.Decision:
+    """``decision`` with the prefill kernel that runs it named; one object per pair, so a cached decision stays
+    the same object through :func:`explain`."""
+    return dispatch.Decision(decision.backend, f"{decision.reason}; runs {kernel}")
 
 
 def attention_varlen(
@@ -457,8 +464,10 @@ def attention_with_kvcache(
             format's largest finite value, round to nearest even; NaN and Inf are stored as NaN); per-token scales
             get each new token's own scale (amax / format max, 1.0 for an all-zero token) at its position, in
             place, so they must then be writable (no stride-0 view, not requiring grad). The call attends over
-            what it stored. Quantization rounds: k_new and v_new get no gradient through it (q does). fp8 caches
-            run on the PyTorch backends for now (``auto`` picks ``torch``; ``backend="triton"`` refuses them).
+            what it stored. Quantization rounds: k_new and v_new get no gradient through it (q does). The Triton
+            decode kernel reads fp8 caches and quantizes the new tokens in the same launch (``auto`` picks it on
+            CUDA; ``float8_e4m3fn`` needs compute capability 8.9 or newer there, see
+            :func:`tileattn.dispatch.quantized_cache_reason`).
         causal: default True; bottom-right aligned: the Sq queries are the last Sq of the
             ``cache_seqlens[b] (+ Sq if k_new)`` keys.
         num_splits: key splits per sequence for the split-KV kernel; 0 chooses from batch, heads, cache size
@@ -486,14 +495,16 @@ def attention_with_kvcache(
         _check_biases(q, alibi_slopes, sinks, q.shape[0])
     grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, sinks)
     # The decode kernel has no backward yet: where gradients are asked for, auto writes the new tokens by PyTorch
-    # indexing and runs each sequence through attention() instead, whose every backend has one.
+    # indexing and runs each sequence through attention() instead, whose every backend has one (over an fp8 cache,
+    # whose dequantized fp32 tokens attention() would refuse beside a q of another dtype, the tiled PyTorch path).
     per_sequence = call.backend == "triton" and backend == "auto" and grad
     triton = call.backend == "triton" and not per_sequence
     # The PyTorch paths read the lengths on the host anyway and would index outside the cache: they always check.
     if (check_bounds or not triton) and _may_read_device_values():
         _check_cache_bounds(k_cache, cache_seqlens, call.new_tokens, block_table)
     if triton:
-        launch = (call, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, num_splits, alibi_slopes, sinks)
+        launch = (call, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, num_splits, alibi_slopes, sinks,
+                  k_scale, v_scale)
         if grad:
             out, lse = _without_backward("tileattn.attention_with_kvcache", lambda: _kvcache_kernel(*launch), q,
                                          k_cache, v_cache, k_new, v_new, alibi_slopes, sinks)
@@ -503,7 +514,10 @@ def attention_with_kvcache(
         # Validated: scales are given exactly when the caches are fp8 (quantized on write, dequantized to attend).
         if k_new is not None:
             write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale=k_scale, v_scale=v_scale)
-        impl = attention if per_sequence else tiled_attention if call.backend == "torch" else naive_attention
+        if per_sequence:
+            impl = attention if k_scale is None else tiled_attention
+        else:
+            impl = tiled_attention if call.backend == "torch" else naive_attention
         biases = dict(alibi_slopes=alibi_slopes, sinks=sinks) if biased else {}
         out, lse = reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens,
                                                block_table=block_table, k_scale=k_scale, v_scale=v_scale,
@@ -513,15 +527,17 @@ def attention_with_kvcache(
 
 
 def _kvcache_kernel(call, q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, num_splits, alibi_slopes,
-                    sinks):
+                    sinks, k_scale=None, v_scale=None):
     """``(out, lse or None)`` of a validated :func:`attention_with_kvcache` call on the Triton decode kernel."""
-    if call.plan is not None:  # a plain eager call whose launch is prepared for its signature
-        return call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new)
+    if call.plan is not None:  # a plain eager call whose launch is prepared for its signature (scales included)
+        return call.plan.run(q, k_cache, v_cache, None, cache_seqlens, block_table, k_new, v_new, k_scale=k_scale,
+                             v_scale=v_scale)
     from . import ops
 
     return ops.run_decode(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens, block_table=block_table,
                           return_lse=call.return_lse, num_splits=num_splits, scale=call.scale, softcap=call.softcap,
-                          window=call.window, k_new=k_new, v_new=v_new, alibi_slopes=alibi_slopes, sinks=sinks)
+                          window=call.window, k_new=k_new, v_new=v_new, alibi_slopes=alibi_slopes, sinks=sinks,
+                          k_scale=k_scale, v_scale=v_scale)
 
 
 def _attention_with_kvcache_seq_first(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale,
@@ -607,7 +623,7 @@ def _prepare_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
         if key is not None:
             if with_plan:
                 call = call._replace(plan=_kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                        block_table, num_splits))
+                                                        block_table, num_splits, k_scale=k_scale, v_scale=v_scale))
             _remember(key, call)
     return call
 
@@ -622,10 +638,12 @@ def _scales_signature(key, k_scale, v_scale):
     return (key, *[(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in (k_scale, v_scale)])
 
 
-def _kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, num_splits, seq_first=False):
+def _kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, num_splits, seq_first=False,
+                  k_scale=None, v_scale=None):
     """The prepared decode launch of a validated plain kvcache call on the Triton kernel (``plan.run(q, k_cache,
-    v_cache, None, cache_seqlens, block_table, k_new, v_new)``), or None: another backend, or lengths or a block
-    table that the kernel needs copied to unit stride first (``decode_attention`` does that per call)."""
+    v_cache, None, cache_seqlens, block_table, k_new, v_new, k_scale=, v_scale=)``), or None: another backend, or
+    lengths or a block table that the kernel needs copied to unit stride first (``decode_attention`` does that per
+    call)."""
     if call.backend != "triton" or cache_seqlens.stride(0) != 1 or (
             block_table is not None and block_table.stride(1) != 1):
         return None
@@ -633,7 +651,8 @@ def _kvcache_plan(call, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
 
     return ops.decode_plan(q, k_cache, v_cache, cache_seqlens, new_tokens=call.new_tokens, block_table=block_table,
                            window=call.window, scale=call.scale, softcap=call.softcap, return_lse=call.return_lse,
-                           num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=seq_first)
+                           num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=seq_first, k_scale=k_scale,
+                           v_scale=v_scale)
 
 
 def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, scale, window,
@@ -671,7 +690,7 @@ def _check_kvcache_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_
     _check_kv_scales(k_cache, v_cache, k_scale, v_scale, quantized=quantized, batch=b, paged=block_table is not None,
                      writes=k_new is not None)
     return _KVCacheCall(scale, window, softcap, bool(return_lse), sq if k_new is not None else 0,
-                        _backend(q, v_cache, backend))
+                        _backend(q, v_cache, backend, k=k_cache))
 
 
 QUANTIZED_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # those the Triton kernels take
@@ -764,10 +783,10 @@ def _decide(q, k, v, backend, causal, mask, window, softcap, return_lse) -> disp
                            softcap=softcap, return_lse=bool(return_lse))
 
 
-def _backend(q, v, backend):
+def _backend(q, v, backend, k=None):
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
-    return dispatch.choose_backend(q, v, backend)
+    return dispatch.choose_backend(q, v, backend, k=k)
 
 
 class _NoBackward(torch.autograd.Function):

@@ -2,8 +2,9 @@
 
 Backends:
   ``"triton"``       the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
-                    which is how CPU CI tests them). fp16, bf16, fp32; every feature and head dim (q/k up
-                    to 576, v up to 512, unequal allowed); the backward takes equal head dims up to
+                    which is how CPU CI tests them). fp16, bf16, fp32, and KV caches in fp8 (``float8_e5m2``;
+                    ``float8_e4m3fn`` from compute capability 8.9: see ``quantized_cache_reason``); every feature
+                    and head dim (q/k up to 576, v up to 512, unequal allowed); the backward takes equal head dims up to
                     :data:`TRITON_BACKWARD_MAX_HEAD_DIM` (``auto`` differentiates the others on ``"torch"``).
   ``"sdpa"``         PyTorch SDPA's fused kernels (``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``; on CPU
                     its fused CPU kernel), only for plain calls whose semantics match exactly (see ``sdpa``).
@@ -113,26 +114,41 @@ def triton_backward_head_dims_reason(head_dim_qk: int, head_dim_v: int) -> str |
     return None
 
 
-def quantized_cache_reason(v: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot read the values ``v`` (a KV cache's): an fp8 cache, for now; else None."""
-    if quant.is_fp8(v.dtype):
-        return "fp8 KV caches run on the PyTorch backends for now: backend='torch' or 'naive' ('auto' picks 'torch')"
+# Triton reads e4m3fn only where the GPU converts it (Ada, compute capability 8.9, and newer); e5m2 everywhere.
+FP8_E4M3_MIN_CAPABILITY = (8, 9)
+
+
+def quantized_cache_reason(q: torch.Tensor, *caches: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot read these KV caches (those in q's dtype always can) on q's device, or None.
+    fp8 caches (see :mod:`tileattn.quant`) run on NVIDIA GPUs (``float8_e4m3fn`` from compute capability 8.9 on) and
+    in the interpreter; ROCm's fp8 formats are other ones, so fp8 caches take the PyTorch backends there."""
+    formats = {t.dtype for t in caches if quant.is_fp8(t.dtype)}
+    if not formats or q.device.type != "cuda":
+        return None
+    if torch.version.hip is not None:
+        return "fp8 KV caches run on the PyTorch backends on ROCm (its GPUs' fp8 formats differ from torch's)"
+    capability = torch.cuda.get_device_capability(q.device)
+    if torch.float8_e4m3fn in formats and capability < FP8_E4M3_MIN_CAPABILITY:
+        return (f"float8_e4m3fn KV caches need compute capability {'.'.join(map(str, FP8_E4M3_MIN_CAPABILITY))} or "
+                f"newer in the Triton kernels (this GPU: {'.'.join(map(str, capability))}; float8_e5m2 works)")
     return None
 
 
-def triton_call_unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton backend cannot run a call with these q and v (device, dtype; ``v`` may be an fp8 cache), or
-    None: the forward kernels take every head dim the API accepts."""
-    return quantized_cache_reason(v) or triton_unsupported_reason(q)
+def triton_call_unsupported_reason(q: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None = None) -> str | None:
+    """Why the Triton backend cannot run a call with these q and v (device, dtype; ``v`` may be an fp8 cache, and
+    ``k`` the keys' cache, whose fp8 format may differ), or None: the forward kernels take every head dim the API
+    accepts."""
+    return triton_unsupported_reason(q) or quantized_cache_reason(q, *((v,) if k is None else (k, v)))
 
 
-def choose_backend(q: torch.Tensor, v: torch.Tensor, requested: str) -> str:
+def choose_backend(q: torch.Tensor, v: torch.Tensor, requested: str, k: torch.Tensor | None = None) -> str:
     """The backend for a varlen or KV-cache call (no SDPA equivalent): Triton on CUDA when it can run the call
-    (``v`` is the values or their cache: an fp8 cache goes to the tiled path), else the tiled path."""
+    (``v`` is the values or their cache, ``k`` optionally the keys' cache: fp8 caches included), else the tiled
+    path."""
     if requested == "auto":
-        return "triton" if q.device.type == "cuda" and triton_call_unsupported_reason(q, v) is None else "torch"
+        return "triton" if q.device.type == "cuda" and triton_call_unsupported_reason(q, v, k) is None else "torch"
     if requested == "triton":
-        reason = triton_call_unsupported_reason(q, v)
+        reason = triton_call_unsupported_reason(q, v, k)
         if reason:
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
     elif requested not in ("torch", "naive"):

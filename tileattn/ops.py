@@ -103,17 +103,20 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
            block_table: torch.Tensor | None, mask: torch.Tensor | None, new_tokens: int, scale: float,
            window_left: int, window_right: int, softcap: float, return_lse: bool,
            num_splits: int, alibi_slopes: torch.Tensor | None,
-           sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+           sinks: torch.Tensor | None, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_attention`` over tokens already in the cache (new ones are written before, see :func:`run_decode`);
+    ``k_scale``/``v_scale``: an fp8 cache's scales."""
     out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                                 window=(window_left, window_right), scale=scale, softcap=softcap or None, mask=mask,
                                 alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, num_splits=num_splits,
-                                reuse_workspace=False)
+                                reuse_workspace=False, k_scale=k_scale, v_scale=v_scale)
     return out, _lse_or_empty(lse, q)
 
 
 @decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, window_left, window_right, softcap,
-      return_lse, num_splits, alibi_slopes, sinks):
+      return_lse, num_splits, alibi_slopes, sinks, k_scale=None, v_scale=None):
     return output_like(q, v_cache.shape[-1]), q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
 
 
@@ -164,23 +167,27 @@ def run_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 
 
 def run_decode(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table, scale, window, softcap, return_lse,
-               num_splits, mask=None, k_new=None, v_new=None, seq_first=False, alibi_slopes=None, sinks=None):
-    """Decode attention; with ``k_new``/``v_new`` the new tokens are first written into the cache: in eager mode by
-    the same launch, while compiling by PyTorch indexing (an in-place write Inductor sees) before the op.
-    ``seq_first``: tensors in ``[B, S, H, D]`` order (eager mode only)."""
+               num_splits, mask=None, k_new=None, v_new=None, seq_first=False, alibi_slopes=None, sinks=None,
+               k_scale=None, v_scale=None):
+    """Decode attention; with ``k_new``/``v_new`` the new tokens are first written into the cache (quantized into an
+    fp8 one with its ``k_scale``/``v_scale``): in eager mode by the same launch, while compiling by PyTorch indexing
+    (an in-place write Inductor sees) before the op. ``seq_first``: tensors in ``[B, S, H, D]`` order (eager mode
+    only)."""
     if seq_first:
         if torch.compiler.is_compiling():
             raise RuntimeError("seq_first decode is for eager calls: transpose to [B, H, S, D] under torch.compile")
         return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                                 window=window, scale=scale, softcap=softcap, return_lse=return_lse,
                                 num_splits=num_splits, k_new=k_new, v_new=v_new, seq_first=True,
-                                alibi_slopes=alibi_slopes, sinks=sinks)
+                                alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     if torch.compiler.is_compiling():
         if k_new is not None:
-            write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+            write_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, k_scale=k_scale, v_scale=v_scale)
         return _result(*decode(q, k_cache, v_cache, cache_seqlens, block_table, mask, new_tokens, scale, *window,
-                               softcap or 0.0, return_lse, num_splits, alibi_slopes, sinks), return_lse)
+                               softcap or 0.0, return_lse, num_splits, alibi_slopes, sinks, k_scale, v_scale),
+                       return_lse)
     return decode_attention(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                             window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes,
-                            sinks=sinks, return_lse=return_lse, num_splits=num_splits, k_new=k_new, v_new=v_new)
+                            sinks=sinks, return_lse=return_lse, num_splits=num_splits, k_new=k_new, v_new=v_new,
+                            k_scale=k_scale, v_scale=v_scale)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FP8_DTYPES", "FP8_MAX", "GRANULARITIES", "is_fp8", "scale_granularity",
+__all__ = ["FP8_DTYPES", "FP8_MAX", "GRANULARITIES", "SMALLEST_SCALE", "is_fp8", "scale_granularity",
            "dequantize", "quantize", "token_scales", "amax_scale", "calibrate_scales", "quantize_kv_cache"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -33,7 +33,7 @@ FP8_MAX = {dtype: torch.finfo(dtype).max for dtype in FP8_DTYPES}  # 448.0 and 5
 GRANULARITIES = ("tensor", "head", "token")
 # A computed scale below fp32's smallest normal would be a subnormal (flushed to 0 by GPU arithmetic, and
 # x / 0 saturates): such tokens are stored at scale 1.0 instead, where their values round to (near) zero.
-_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -110,8 +110,15 @@ def amax_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale that maps ``amax`` (fp32, of finite values) onto the format's largest value: ``amax / FP8_MAX``,
     or 1.0 where that is below fp32's smallest normal (``amax`` 0 included), so a scale is always a positive
     normal fp32 and an all-zero token stores zeros."""
-    scale = amax.float() / FP8_MAX[dtype]
-    return torch.where(scale >= _SMALLEST_SCALE, scale, 1.0)
+    # The correctly rounded fp32 quotient, as the kernels' div_rn gives it, on every device and under torch.compile:
+    # CUDA and Inductor divide by a Python scalar as a multiply by its reciprocal, which in fp32 is not correctly
+    # rounded. In float64 either way is, once rounded to fp32: FP8_MAX is 7 * 2^k, so amax / FP8_MAX lies at least
+    # 1/14 of an fp32 ulp from any fp32 rounding midpoint, far beyond float64's error.
+    if amax.device.type == "mps":  # no float64 there; a tensor divisor is divided, correctly rounded
+        scale = amax.float() / torch.full_like(amax.float(), FP8_MAX[dtype])
+    else:
+        scale = (amax.double() / FP8_MAX[dtype]).float()
+    return torch.where(scale >= SMALLEST_SCALE, scale, 1.0)
 
 
 def _finite_magnitudes(x: torch.Tensor) -> torch.Tensor:

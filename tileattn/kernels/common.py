@@ -9,9 +9,13 @@ Scores are kept in log2 units (``s * log2(e)``) so the softmax uses ``exp2``, on
 softmax scale and ``log2(e)`` are folded into a single multiply of the ``q @ k^T`` tile.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from .. import quant
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -25,6 +29,17 @@ MASK_ADDITIVE = tl.constexpr(2)
 NOT_PAGED = tl.constexpr(0)
 PAGED_PER_TILE = tl.constexpr(1)
 PAGED_PER_KEY = tl.constexpr(2)
+
+
+# Scales of an fp8 KV cache (constexpr switch; :mod:`tileattn.quant`'s granularities as a program reads them): none
+# (a cache in q's dtype), one per program (per tensor, or per KV head ``[Hkv]`` / ``[B, Hkv]``: one value for all the
+# keys a program reads), or one per token and KV head (the cache's layout without the head dim).
+SCALE_NONE = tl.constexpr(0)
+SCALE_PER_PROGRAM = tl.constexpr(1)
+SCALE_PER_TOKEN = tl.constexpr(2)
+# quant.amax_scale's threshold: a computed scale below fp32's smallest normal becomes 1.0.
+SMALLEST_SCALE = tl.constexpr(quant.SMALLEST_SCALE)
+FP8_NAN_BITS = tl.constexpr(0x7F)  # the NaN torch stores for a positive NaN, in e4m3fn and e5m2 alike
 
 
 # Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 work on the host too, but
@@ -99,6 +114,37 @@ def mask_tensor(mask, placeholder):
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+def scale_arguments(scale, placeholder):
+    """Host side: ``(mode, tensor, (stride_b, stride_h, stride_n))`` for a kernel's optional fp8 cache scale
+    (fp32, validated by the API; see :mod:`tileattn.quant`), ``mode`` one of the ``SCALE_*`` switches. The three
+    strides address the scale of sequence (or page) ``b``, KV head ``h``, token (or slot) ``n``; a dim the scale does
+    not have gets stride 0: 0-d ``()``, ``[Hkv]`` ``(0, s0, 0)``, ``[B, Hkv]`` ``(s0, s1, 0)``, per token ``[B, Hkv,
+    S_max]`` or ``[num_pages, Hkv, page_size]`` its own strides. Without a scale ``placeholder`` stands in."""
+    if scale is None:
+        return SCALE_NONE.value, placeholder, (0, 0, 0)
+    if scale.dim() == 3:
+        return SCALE_PER_TOKEN.value, scale, scale.stride()
+    strides = {0: (0, 0, 0), 1: (0, *scale.stride(), 0), 2: (*scale.stride(), 0)}[scale.dim()]
+    return SCALE_PER_PROGRAM.value, scale, strides
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 cache format (:data:`tileattn.quant.FP8_MAX`); 0.0 for other dtypes (a
+    cache the kernels never quantize into)."""
+    return quant.FP8_MAX.get(dtype, 0.0)
+
+
+def token_scale_headroom(dtype: torch.dtype) -> float:
+    """The power of two a program multiplies per-token V scales by before the ``P @ V`` dot (and divides the
+    accumulator by afterwards, exactly): ``2 ** floor(log2(FP8_MAX))``, 256 for e4m3fn and 32768 for e5m2, else 1.
+
+    The dot takes ``p * scale`` in q's dtype. A per-token scale is ``amax / FP8_MAX``, about 5e-5 for unit-sized
+    values in e5m2, so ``p * scale`` would fall into fp16's subnormals (below 6.1e-5) and lose its precision; times
+    the headroom it is ``p * amax * 0.57``, in the range of the values themselves (fp16 ones stay below 37449)."""
+    largest = fp8_max(dtype)
+    return 2.0 ** math.floor(math.log2(largest)) if largest else 1.0
+
+
 @triton.jit
 def key_block_ranges(
     row_lo, row_hi, seqlen_k, diag, window_left, window_right,
@@ -143,6 +189,38 @@ def load_tile(ptrs, idx_s, idx_d, seqlen, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
         else:
             tile = tl.load(ptrs, mask=idx_d < HEAD_DIM, other=0.0)
     return tile
+
+
+@triton.jit
+def load_key_scales(ptrs, cols, seqlen_k, CHECK_S: tl.constexpr):
+    """Per-token scales of a key block (``ptrs``: ``[BLOCK_N]``, key indices ``cols``); keys past ``seqlen_k`` (only
+    in ``CHECK_S`` blocks) read 0, so they add nothing even where their slot holds an unwritten scale."""
+    if CHECK_S:
+        return tl.load(ptrs, mask=cols < seqlen_k, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def fp8_token_scales(amax, FP8_MAX: tl.constexpr):
+    """:func:`tileattn.quant.amax_scale` of ``amax`` (fp32, each token's largest finite magnitude): ``amax /
+    FP8_MAX`` correctly rounded, or 1.0 where that is below fp32's smallest normal (``amax`` 0 included)."""
+    scale = tl.math.div_rn(amax, FP8_MAX)
+    return tl.where(scale >= SMALLEST_SCALE, scale, 1.0)
+
+
+@triton.jit
+def quantize_fp8(x, scale, FP8_MAX: tl.constexpr, FP8_TYPE: tl.constexpr):
+    """``x`` (fp32) stored in ``FP8_TYPE`` at ``scale`` (broadcast against ``x``) by :func:`tileattn.quant.quantize`'s
+    rule: the correctly rounded quotient ``x / scale``, saturated to ``+-FP8_MAX``, rounded to nearest even; NaN
+    where ``x`` is NaN or infinite (or the quotient is NaN: 0 / 0). The NaN is written as its byte, the one torch
+    stores, rather than left to the conversion: the interpreter's fp8 narrowing does not produce NaN codes."""
+    quotient = tl.math.div_rn(x, scale)
+    saturated = tl.minimum(tl.maximum(quotient, -FP8_MAX), FP8_MAX)
+    bits = saturated.to(FP8_TYPE, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    stored_nan = (quotient != quotient) | (tl.abs(x) == float("inf"))
+    bits = tl.where(stored_nan, tl.full(bits.shape, FP8_NAN_BITS, tl.uint8), bits)
+    return bits.to(FP8_TYPE, bitcast=True)
 
 
 @triton.jit
@@ -228,15 +306,16 @@ def finalize(acc, m_i, l_i):
 
 @triton.jit
 def _attend_key_blocks(
-    acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi,
+    acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi, k_scale_base, v_scale_base,
     start_n, end_n, q_pos, offs_n, offs_d, dv_idx,
     stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    stride_ksn, stride_vsn, stride_kspage, stride_vspage,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_CHUNKS: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr, V_TOKEN_HEADROOM: tl.constexpr,
 ):
     """Fold key blocks ``start_n, start_n + BLOCK_N, ... < end_n`` into ``(acc, m_i, l_i)``.
 
@@ -252,24 +331,40 @@ def _attend_key_blocks(
     pointers, or one pointer with ``MASK_PER_KEY``. ``INT64_INDEX``: key index x stride may pass 2^31.
     ``alibi`` (with ``HAS_ALIBI``): each row's ALiBi slope in log2 units, ``[M]``; the logit of key ``j`` loses
     ``slope * |j - (q_pos + diag)|``, its distance to the query's own position.
+
+    fp8 caches: K and V tiles of another dtype than q's (an fp8 cache) are widened to q's dtype for the dots, which
+    is exact for e4m3fn and e5m2 into fp16, bf16 and fp32. Scales one per program (``SCALE_PER_PROGRAM``) are the
+    caller's to apply: K's folded into ``sm_scale``, V's on ``acc`` after the last key. With ``K_SCALE`` or
+    ``V_SCALE`` ``SCALE_PER_TOKEN`` each key's own scale is read at ``k_scale_base`` / ``v_scale_base`` (key 0 of
+    this head) plus the key's offset, computed as for K (``stride_ksn`` per key, or per slot with
+    ``stride_kspage`` per page; V's likewise): K's multiplies the key's column of ``q @ k^T``, V's its column of
+    the weights ``p`` in the ``P @ V`` dot only (``l_i`` sums the unscaled weights), times ``V_TOKEN_HEADROOM``
+    (see :func:`token_scale_headroom`), which the caller divides ``acc`` by after the last key.
     """
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
         if INT64_INDEX:
             cols = cols.to(tl.int64)
+        # (the per-token scales' offsets are dead code, removed by the compiler, unless K_SCALE / V_SCALE read them)
         if PAGED == PAGED_PER_TILE:  # the tile lies in one page: one page id, contiguous rows
             page = tl.load(block_table + start // page_size).to(tl.int64)
             slot = start % page_size + offs_n
             k_offs = page * stride_kpage + slot * stride_kn
             v_offs = page * stride_vpage + slot * stride_vn
+            ks_offs = page * stride_kspage + slot * stride_ksn
+            vs_offs = page * stride_vspage + slot * stride_vsn
         elif PAGED == PAGED_PER_KEY:
             page = tl.load(block_table + cols // page_size, mask=cols < seqlen_k, other=0).to(tl.int64)
             slot = cols % page_size
             k_offs = page * stride_kpage + slot * stride_kn
             v_offs = page * stride_vpage + slot * stride_vn
+            ks_offs = page * stride_kspage + slot * stride_ksn
+            vs_offs = page * stride_vspage + slot * stride_vsn
         else:
             k_offs = cols * stride_kn
             v_offs = cols * stride_vn
+            ks_offs = cols * stride_ksn
+            vs_offs = cols * stride_vsn
         # K is loaded transposed, [BLOCK_D, BLOCK_N], ready for q @ k^T; one chunk, or the sum over the chunks.
         for c in tl.static_range(QK_CHUNKS):
             dims = c * BLOCK_D + offs_d
@@ -280,10 +375,13 @@ def _attend_key_blocks(
             else:
                 q_chunk = load_tile(q + c * BLOCK_D * stride_qd, q_rows[:, None], dims[None, :], q_rows_end, HEAD_DIM,
                                     BLOCK_D, True)
+            k = k.to(q_chunk.dtype)  # a no-op unless K is an fp8 cache
             if c == 0:
                 qk = tl.dot(q_chunk, k, input_precision=DOT_PRECISION)
             else:
                 qk = tl.dot(q_chunk, k, qk, input_precision=DOT_PRECISION)
+        if K_SCALE == SCALE_PER_TOKEN:  # q . (k * scale) = (q . k) * scale: one multiply per score, not per element
+            qk *= load_key_scales(k_scale_base + ks_offs, cols, seqlen_k, EDGE)[None, :]
         s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
         if HAS_ALIBI:
             s -= alibi[:, None] * tl.abs(cols[None, :] - (q_pos[:, None] + diag)).to(tl.float32)
@@ -303,25 +401,32 @@ def _attend_key_blocks(
             s = tl.where(visible, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], dv_idx[None, :], seqlen_k, HEAD_DIM_V, BLOCK_DV, EDGE)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        v = v.to(q_chunk.dtype)  # a no-op unless V is an fp8 cache
+        if V_SCALE == SCALE_PER_TOKEN:  # p @ (v * scale) = (p * scale) @ v: the [M, N] weights, not the [N, D_v] tile
+            p_v = p * (load_key_scales(v_scale_base + vs_offs, cols, seqlen_k, EDGE) * V_TOKEN_HEADROOM)[None, :]
+        else:
+            p_v = p
+        acc = tl.dot(p_v.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
 def attend_keys(
-    acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi,
+    acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi, k_scale_base, v_scale_base,
     lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d, dv_idx,
     stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage, page_size,
+    stride_ksn, stride_vsn, stride_kspage, stride_vspage,
     seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_CHUNKS: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr, V_TOKEN_HEADROOM: tl.constexpr,
 ):
     """Attend to keys ``[lo, hi)`` as cut by ``key_block_ranges``: the sliding window's left edge,
     the blocks every row sees (no elementwise masking), then the causal diagonal / window right
-    edge / ragged end of K."""
+    edge / ragged end of K. Arguments as :func:`_attend_key_blocks`'s; a cache in q's dtype passes ``SCALE_NONE``
+    for ``K_SCALE`` and ``V_SCALE`` (any pointers and strides for the scales, 1.0 for ``V_TOKEN_HEADROOM``)."""
     for part in tl.static_range(3):
         if part == 0:
             start_n = lo
@@ -333,9 +438,11 @@ def attend_keys(
             start_n = full_hi
             end_n = hi
         acc, m_i, l_i = _attend_key_blocks(
-            acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi, start_n, end_n, q_pos,
+            acc, m_i, l_i, q, q_rows, q_rows_end, k_base, v_base, mask_base, block_table, alibi, k_scale_base,
+            v_scale_base, start_n, end_n, q_pos,
             offs_n, offs_d, dv_idx, stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kpage, stride_vpage,
-            page_size, seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
+            page_size, stride_ksn, stride_vsn, stride_kspage, stride_vspage,
+            seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
             HEAD_DIM, BLOCK_D, QK_CHUNKS, HEAD_DIM_V, BLOCK_DV, BLOCK_N, part != 1, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP,
-            PAGED, INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
+            PAGED, INT64_INDEX, DOT_PRECISION, HAS_ALIBI, K_SCALE, V_SCALE, V_TOKEN_HEADROOM)
     return acc, m_i, l_i

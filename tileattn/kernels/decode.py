@@ -25,42 +25,70 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, MASK_NONE, MAX_BLOCK_DV, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, attend_keys, cdiv, finalize,
-    initial_state, key_block_ranges, load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2,
-    output_like, qk_head_dim_tiling, v_head_dim_tiling,
+    LOG2E, MASK_NONE, MAX_BLOCK_DV, NOT_PAGED, PAGED_PER_KEY, PAGED_PER_TILE, SCALE_NONE, SCALE_PER_PROGRAM,
+    SCALE_PER_TOKEN, attend_keys, cdiv, finalize, fp8_max, fp8_token_scales, initial_state, key_block_ranges,
+    load_tile, mask_arguments, mask_tensor, needs_int64_index, next_power_of_2, output_like, qk_head_dim_tiling,
+    quantize_fp8, scale_arguments, token_scale_headroom, v_head_dim_tiling,
 )
 from .launch import Launch, Launcher, PlanCache
 
 
 @triton.jit
 def _write_new_rows(
-    New, Cache, block_table, off_b, off_hkv, first, last, cached,
-    stride_nb, stride_nh, stride_nm, stride_nd, stride_cb, stride_ch, stride_cn, stride_cd, page_size,
+    New, Cache, Scale, block_table, off_b, off_hkv, first, last, cached,
+    stride_nb, stride_nh, stride_nm, stride_nd, stride_cb, stride_ch, stride_cn, stride_cd,
+    stride_sb, stride_sh, stride_sn, page_size,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, PAGED: tl.constexpr,
+    SCALE: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
-    """Copy the new tokens (``k_new`` or ``v_new``: ``New``) that belong at cache positions ``first .. last - 1``
+    """Write the new tokens (``k_new`` or ``v_new``: ``New``) that belong at cache positions ``first .. last - 1``
     (token ``pos - cached``) into ``Cache``: row ``b`` of a contiguous cache, or page ``block_table[pos //
-    page_size]``, slot ``pos % page_size``; ``HEAD_DIM`` columns in chunks of ``BLOCK_D``. 64-bit offsets."""
+    page_size]``, slot ``pos % page_size``; ``HEAD_DIM`` columns in chunks of ``BLOCK_D``. 64-bit offsets.
+
+    ``SCALE_NONE``: a cache in the tokens' dtype, copied. An fp8 cache (``FP8_MAX``: its format's largest value)
+    stores them quantized by :func:`tileattn.quant.quantize`'s rule at its scale ``Scale`` (strides as
+    :func:`~tileattn.kernels.common.scale_arguments` gives them): ``SCALE_PER_PROGRAM``, the one value at ``(b,
+    hkv)``; ``SCALE_PER_TOKEN``, each token's own :func:`tileattn.quant.token_scales`, computed here from a first
+    pass over its row (its largest finite magnitude) and stored at the token's position (indexed like the cache)
+    before the second pass quantizes the row."""
     offs_d = tl.arange(0, BLOCK_D)
+    if SCALE == SCALE_PER_PROGRAM:
+        scale = tl.load(Scale + off_b * stride_sb + off_hkv * stride_sh)
     for start in range(first, last, BLOCK_W):
         pos = (start + tl.arange(0, BLOCK_W)).to(tl.int64)
         token = pos - cached
+        written = pos < last
         if PAGED != NOT_PAGED:
-            page = tl.load(block_table + pos // page_size, mask=pos < last, other=0).to(tl.int64)
+            page = tl.load(block_table + pos // page_size, mask=written, other=0).to(tl.int64)
             dst = page * stride_cb + (pos % page_size) * stride_cn
+            scale_dst = page * stride_sb + (pos % page_size) * stride_sn
         else:
             dst = off_b * stride_cb + pos * stride_cn
+            scale_dst = off_b * stride_sb + pos * stride_sn
+        src = New + off_b * stride_nb + off_hkv * stride_nh + token[:, None] * stride_nm
+        if SCALE == SCALE_PER_TOKEN:
+            amax = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for c in tl.static_range((HEAD_DIM + BLOCK_D - 1) // BLOCK_D):
+                dims = c * BLOCK_D + offs_d
+                ok = written[:, None] & (dims < HEAD_DIM)[None, :]
+                magnitude = tl.abs(tl.load(src + dims[None, :] * stride_nd, mask=ok, other=0.0).to(tl.float32))
+                # NaN and infinities are stored as NaN whatever the scale: they do not set it (NaN fails the test)
+                amax = tl.maximum(amax, tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0), 1))
+            token_scale = fp8_token_scales(amax, FP8_MAX)
+            tl.store(Scale + off_hkv * stride_sh + scale_dst, token_scale, mask=written)
+            scale = token_scale[:, None]
         for c in tl.static_range((HEAD_DIM + BLOCK_D - 1) // BLOCK_D):
             dims = c * BLOCK_D + offs_d
-            ok = (pos < last)[:, None] & (dims < HEAD_DIM)[None, :]
-            x = tl.load(New + off_b * stride_nb + off_hkv * stride_nh + token[:, None] * stride_nm
-                        + dims[None, :] * stride_nd, mask=ok)
+            ok = written[:, None] & (dims < HEAD_DIM)[None, :]
+            x = tl.load(src + dims[None, :] * stride_nd, mask=ok)
+            if SCALE != SCALE_NONE:
+                x = quantize_fp8(x.to(tl.float32), scale, FP8_MAX, Cache.dtype.element_ty)
             tl.store(Cache + off_hkv * stride_ch + dst[:, None] + dims[None, :] * stride_cd, x, mask=ok)
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Lse, Workspace, SplitsDone, BlockTable, CacheSeqlens, Mask, KNew, VNew, Alibi, Sinks,
+    Q, K, V, Out, Lse, Workspace, SplitsDone, BlockTable, CacheSeqlens, Mask, KNew, VNew, Alibi, Sinks, KScale, VScale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -71,6 +99,7 @@ def _decode_kernel(
     stride_knb, stride_knh, stride_knm, stride_knd,
     stride_vnb, stride_vnh, stride_vnm, stride_vnd,
     stride_ab,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     num_heads_kv, group_size, seqlen_q, new_tokens, capacity, num_splits, keys_per_split, page_size,
     window_left, window_right,
     sm_scale, softcap,
@@ -79,9 +108,12 @@ def _decode_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, APPEND: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, INT64_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
+    K_FP8_MAX: tl.constexpr, V_FP8_MAX: tl.constexpr, V_TOKEN_HEADROOM: tl.constexpr,
 ):
     # Parameters are ordered tensors, ints, floats, constexprs, as kernels.launch.Launcher expects.
+    # fp8 caches: K_SCALE / V_SCALE say how their scales are laid out (common.SCALE_*), K_FP8_MAX / V_FP8_MAX are their
+    # formats' largest values (for the new tokens' quantization), V_TOKEN_HEADROOM see common.token_scale_headroom.
     split = tl.program_id(0)
     off_b = (tl.program_id(1) // num_heads_kv).to(tl.int64)
     off_hkv = (tl.program_id(1) % num_heads_kv).to(tl.int64)
@@ -117,12 +149,19 @@ def _decode_kernel(
     else:  # reloaded chunk by chunk for each key block
         q = q_ptrs
 
+    # Per-token scales are laid out as the cache without its head dim: the same page and slot arithmetic.
     if PAGED != NOT_PAGED:  # key j is in page block_table[b, j // page_size], slot j % page_size
         k_base = K + off_hkv * stride_kh + offs_d[:, None] * stride_kd
         v_base = V + off_hkv * stride_vh + dv_idx[None, :] * stride_vd
+        k_scale_base = KScale + off_hkv * stride_ksh
+        v_scale_base = VScale + off_hkv * stride_vsh
     else:
         k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[:, None] * stride_kd
         v_base = V + off_b * stride_vb + off_hkv * stride_vh + dv_idx[None, :] * stride_vd
+        k_scale_base = KScale + off_b * stride_ksb + off_hkv * stride_ksh
+        v_scale_base = VScale + off_b * stride_vsb + off_hkv * stride_vsh
+    if K_SCALE == SCALE_PER_PROGRAM:  # (q . k) * scale * sm_scale: folded into the softmax scale, read on the device
+        sm_scale = sm_scale * tl.load(KScale + off_b * stride_ksb + off_hkv * stride_ksh)
     block_table = BlockTable + off_b * stride_bt
     mask_base = Mask
     if MASK_KIND != MASK_NONE:
@@ -155,20 +194,29 @@ def _decode_kernel(
         # to all of them.
         first_new = tl.maximum(tl.maximum(cached, split_lo), 0)
         last_new = tl.minimum(seqlen_k, split_hi)
-        _write_new_rows(KNew, K, block_table, off_b, off_hkv, first_new, last_new, cached,
+        # Into an fp8 cache they are quantized, per-token scales computed and stored with them.
+        _write_new_rows(KNew, K, KScale, block_table, off_b, off_hkv, first_new, last_new, cached,
                         stride_knb, stride_knh, stride_knm, stride_knd, stride_kb, stride_kh, stride_kn, stride_kd,
-                        page_size, HEAD_DIM, BLOCK_D, 16, PAGED)
-        _write_new_rows(VNew, V, block_table, off_b, off_hkv, first_new, last_new, cached,
+                        stride_ksb, stride_ksh, stride_ksn, page_size, HEAD_DIM, BLOCK_D, 16, PAGED, K_SCALE, K_FP8_MAX)
+        _write_new_rows(VNew, V, VScale, block_table, off_b, off_hkv, first_new, last_new, cached,
                         stride_vnb, stride_vnh, stride_vnm, stride_vnd, stride_vb, stride_vh, stride_vn, stride_vd,
-                        page_size, HEAD_DIM_V, BLOCK_DV, 16, PAGED)
+                        stride_vsb, stride_vsh, stride_vsn, page_size, HEAD_DIM_V, BLOCK_DV, 16, PAGED, V_SCALE,
+                        V_FP8_MAX)
         tl.debug_barrier()
     acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, rows, group_size * seqlen_q, k_base, v_base, mask_base, block_table, alibi,
-        lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d, dv_idx,
+        acc, m_i, l_i, q, rows, group_size * seqlen_q, k_base, v_base, mask_base, block_table, alibi, k_scale_base,
+        v_scale_base, lo, full_lo, full_hi, hi, q_pos, offs_n, offs_d, dv_idx,
         stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, stride_kb, stride_vb, page_size,
+        stride_ksn, stride_vsn, stride_ksb, stride_vsb,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, QK_CHUNKS, HEAD_DIM_V, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, PAGED, INT64_INDEX,
-        DOT_PRECISION, HAS_ALIBI)
+        DOT_PRECISION, HAS_ALIBI, K_SCALE, V_SCALE, V_TOKEN_HEADROOM)
+    # V's scale: one per program multiplies the sum of p * v (linear, so per split before the merge too); per-token
+    # scales entered the weights times the headroom, a power of two divided out exactly.
+    if V_SCALE == SCALE_PER_PROGRAM:
+        acc *= tl.load(VScale + off_b * stride_vsb + off_hkv * stride_vsh)
+    elif V_SCALE == SCALE_PER_TOKEN:
+        acc *= 1.0 / V_TOKEN_HEADROOM
     out, lse = finalize(acc, m_i, l_i)
 
     if SPLIT:
@@ -292,11 +340,12 @@ _decode = Launcher(_decode_kernel)
 @functools.lru_cache(maxsize=4096)
 def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, dtype, device_index, page_size, mask_kind,
           mask_per_key, window, softcap, has_seqlens, append, return_lse, int64_index, config, alibi=False,
-          sinks=False):
+          sinks=False, k_scale=SCALE_NONE.value, v_scale=SCALE_NONE.value, k_dtype=None, v_dtype=None):
     """What a launch needs that depends only on the call's signature (not on the cache length):
     ``(block_m, block_dv, row_blocks, dv_blocks, block_n, num_warps, num_stages, sm_count, constexprs)``, where
     ``constexprs[split]`` is the constexpr tuple without or with the split merge. ``device_index`` is None under
-    the interpreter; ``page_size`` 0 means a contiguous cache."""
+    the interpreter; ``page_size`` 0 means a contiguous cache. ``k_scale``/``v_scale``: the caches' scale modes
+    (``common.SCALE_*``), ``k_dtype``/``v_dtype`` their dtypes (fp8 formats, or q's)."""
     group = heads_q // heads_kv
     block_d, qk_chunks = qk_head_dim_tiling(head_dim)
     block_m = min(64, max(16, next_power_of_2(group * seqlen_q)))
@@ -322,7 +371,9 @@ def _plan(batch, heads_q, heads_kv, seqlen_q, head_dim, head_dim_v, dtype, devic
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, MASK_KIND=mask_kind,
         MASK_PER_KEY=mask_per_key, HAS_SOFTCAP=softcap, PAGED=paging, HAS_SEQLENS=has_seqlens, APPEND=append, SPLIT=split, RETURN_LSE=return_lse,
         INT64_INDEX=int64_index, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_ALIBI=alibi,
-        HAS_SINKS=sinks) for split in (False, True)}
+        HAS_SINKS=sinks, K_SCALE=k_scale, V_SCALE=v_scale, K_FP8_MAX=fp8_max(k_dtype), V_FP8_MAX=fp8_max(v_dtype),
+        V_TOKEN_HEADROOM=token_scale_headroom(v_dtype) if v_scale == SCALE_PER_TOKEN.value else 1.0)
+        for split in (False, True)}
     return block_m, block_dv, row_blocks, dv_blocks, block_n, num_warps, num_stages, sm_count, by_split
 
 
@@ -364,7 +415,7 @@ def workspace_bytes() -> int:
 def decode_attention(
     q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale, softcap=None,
     mask=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0, config=None, k_new=None, v_new=None,
-    reuse_workspace=True, seq_first=False,
+    reuse_workspace=True, seq_first=False, k_scale=None, v_scale=None,
 ):
     """Attention of ``q`` over each sequence's first ``cache_seqlens[b] + new_tokens`` cached keys, in one launch.
 
@@ -389,6 +440,11 @@ def decode_attention(
         reuse_workspace: keep the split workspace for the next call (False: allocate one for this call only).
         seq_first: q, the caches, k_new, v_new and out are ``[B, S, H, D]`` (flash-attn's order: the kernel only
             needs their strides, so no transposed views are made per call); ``mask`` is not supported then.
+        k_scale, v_scale: with fp8 caches (``torch.float8_e4m3fn`` / ``float8_e5m2``, each its own), their fp32
+            scales, any strides: 0-d, ``[Hkv]``, ``[B, Hkv]`` or per token ``[B, Hkv, S_max]`` / ``[num_pages, Hkv,
+            page_size]`` (see :mod:`tileattn.quant`; always heads before tokens, also with ``seq_first``). The
+            kernel attends over ``cache.float() * scale``; ``k_new``/``v_new`` (q's dtype) are quantized on write by
+            the rule of :func:`tileattn.quant.quantize`, per-token scales computed and written in place first.
     Returns:
         ``(out [B, Hq, Sq, D_v] like q (contiguous when D_v != D), lse fp32 [B, Hq, Sq] or None)``;
         ``out [B, Sq, Hq, D_v]`` with ``seq_first``.
@@ -405,9 +461,9 @@ def decode_attention(
     plan = decode_plan(q, k_cache, v_cache, cache_seqlens, new_tokens=new_tokens, block_table=block_table,
                        window=window, scale=scale, softcap=softcap, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks,
                        return_lse=return_lse, num_splits=num_splits, config=config, k_new=k_new, v_new=v_new,
-                       seq_first=seq_first)
+                       seq_first=seq_first, k_scale=k_scale, v_scale=v_scale)
     return plan.run(q, k_cache, v_cache, mask, cache_seqlens, block_table, k_new, v_new, alibi_slopes, sinks,
-                    reuse_workspace)
+                    reuse_workspace, k_scale, v_scale)
 
 
 class DecodePlan(NamedTuple):
@@ -422,7 +478,7 @@ class DecodePlan(NamedTuple):
     seq_first: bool
 
     def run(self, q, k_cache, v_cache, mask=None, cache_seqlens=None, block_table=None, k_new=None, v_new=None,
-            alibi_slopes=None, sinks=None, reuse_workspace=True):
+            alibi_slopes=None, sinks=None, reuse_workspace=True, k_scale=None, v_scale=None):
         """``(out, lse or None)`` as :func:`decode_attention` returns them; the tensors at unit stride where it
         needs them (see there)."""
         out = output_like(q, v_cache.shape[-1])  # the layout the plan saw (decode_plan allocates the same way)
@@ -438,21 +494,24 @@ class DecodePlan(NamedTuple):
                                      q if block_table is None else block_table,
                                      q if cache_seqlens is None else cache_seqlens, mask_tensor(mask, q),
                                      q if k_new is None else k_new, q if v_new is None else v_new,
-                                     q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks))
+                                     q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks,
+                                     q if k_scale is None else k_scale, q if v_scale is None else v_scale))
         return out, (lse if self.return_lse else None)
 
 
 def decode_plan(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=None, window=(-1, -1), scale,
                 softcap=None, mask=None, alibi_slopes=None, sinks=None, return_lse=False, num_splits=0, config=None,
-                k_new=None, v_new=None, seq_first=False) -> DecodePlan:
+                k_new=None, v_new=None, seq_first=False, k_scale=None, v_scale=None) -> DecodePlan:
     """The :class:`DecodePlan` of a :func:`decode_attention` call (its arguments, tensors already at the unit
-    strides it needs), cached by signature."""
+    strides it needs), cached by signature: the caches' dtypes and their scales' layouts (granularity, strides)
+    included, so a plan never runs with another scale layout than the one it was prepared for."""
     key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.shape[-1], v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            None if mask is None else (mask.shape, mask.stride(), mask.dtype), cache_seqlens is None, new_tokens,
            None if k_new is None else (k_new.stride(), v_new.stride()),
            None if alibi_slopes is None else alibi_slopes.stride(), sinks is not None,
-           tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config), seq_first)
+           tuple(window), scale, softcap, return_lse, num_splits, None if config is None else tuple(config), seq_first,
+           k_cache.dtype, v_cache.dtype, *[None if t is None else (t.shape, t.stride()) for t in (k_scale, v_scale)])
     plan = _plans.get(key)
     if plan is None:
         heads_first = (lambda t: None if t is None else t.transpose(1, 2)) if seq_first else (lambda t: t)
@@ -460,7 +519,7 @@ def decode_plan(q, k_cache, v_cache, cache_seqlens, *, new_tokens, block_table=N
         plan = DecodePlan(*_prepare(heads_first(q), heads_first(k_cache), heads_first(v_cache), out, block_table,
                                     mask, cache_seqlens is not None, heads_first(k_new), heads_first(v_new),
                                     new_tokens, tuple(window), scale, softcap, return_lse, num_splits, config,
-                                    alibi_slopes, sinks is not None), return_lse, seq_first)
+                                    alibi_slopes, sinks is not None, k_scale, v_scale), return_lse, seq_first)
         _plans.remember(key, plan)
     return plan
 
@@ -469,7 +528,7 @@ _plans = PlanCache()  # by call signature
 
 
 def _prepare(q, k_cache, v_cache, out, block_table, mask, has_seqlens, k_new, v_new, new_tokens, window, scale,
-             softcap, return_lse, num_splits, config, alibi_slopes=None, has_sinks=False):
+             softcap, return_lse, num_splits, config, alibi_slopes=None, has_sinks=False, k_scale=None, v_scale=None):
     """``(Launch, num_splits, workspace floats, tiles)`` for a call of this signature (``out``: an output of the
     layout every call's will have)."""
     b, hq, sq, d = q.shape
@@ -478,12 +537,16 @@ def _prepare(q, k_cache, v_cache, out, block_table, mask, has_seqlens, k_new, v_
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     mask_kind, mask_per_key, mask_arg, mask_strides = mask_arguments(  # a tile's rows span query heads and tokens
         mask, placeholder=q, row_dims=(1, 2))
+    k_scale_mode, _, k_scale_strides = scale_arguments(k_scale, q)
+    v_scale_mode, _, v_scale_strides = scale_arguments(v_scale, q)
     device = q.device
-    large = needs_int64_index(q, k_cache, v_cache) or (mask is not None and needs_int64_index(mask_arg))
+    large = (needs_int64_index(q, k_cache, v_cache, *[t for t in (k_scale, v_scale) if t is not None])
+             or (mask is not None and needs_int64_index(mask_arg)))
     block_m, block_dv, row_blocks, dv_blocks, block_n, num_warps, num_stages, sm_count, constexprs = _plan(
         b, hq, hkv, sq, d, v_cache.shape[-1], q.dtype, None if device.type == "cpu" else device.index, k_cache.shape[2] if paged else 0,
         mask_kind, mask_per_key, window, softcap is not None, has_seqlens, k_new is not None, return_lse, large,
-        None if config is None else tuple(config), alibi_slopes is not None, has_sinks)
+        None if config is None else tuple(config), alibi_slopes is not None, has_sinks, k_scale_mode, v_scale_mode,
+        k_cache.dtype, v_cache.dtype)
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hkv, row_blocks * dv_blocks, capacity, sm_count, block_n, paged)
     keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
@@ -495,6 +558,7 @@ def _prepare(q, k_cache, v_cache, out, block_table, mask, has_seqlens, k_new, v_
          block_table.stride(0) if paged else 0, *mask_strides,
          *(k_new.stride() if k_new is not None else (0,) * 4), *(v_new.stride() if v_new is not None else (0,) * 4),
          alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+         *k_scale_strides, *v_scale_strides,
          hkv, hq // hkv, sq, new_tokens, capacity, num_splits, keys_per_split, k_cache.shape[2] if paged else 1,
          max(window[0], 0), max(window[1], 0)),
         (scale, softcap or 1.0), constexprs[num_splits > 1], num_warps, num_stages)

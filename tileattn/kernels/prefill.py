@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, MASK_NONE, NOT_PAGED, attend_keys, cdiv, finalize, initial_state, key_block_ranges, load_tile,
+    LOG2E, MASK_NONE, NOT_PAGED, SCALE_NONE, attend_keys, cdiv, finalize, initial_state, key_block_ranges, load_tile,
     mask_arguments, mask_tensor, needs_int64_index, output_like, qk_head_dim_tiling, v_head_dim_tiling,
 )
 from .hopper import HopperPlan, hopper_unsupported_reason
@@ -102,12 +102,12 @@ def _prefill_kernel(
     row_hi = tl.minimum(block_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = key_block_ranges(
         block_m * BLOCK_M, row_hi, seqlen_k, diag, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    acc, m_i, l_i = attend_keys(
-        acc, m_i, l_i, q, rows, seqlen_q, k_base, v_base, mask_base, Mask, alibi, lo, full_lo, full_hi, hi, rows,
-        offs_n, offs_d, dv_idx, stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, 0, 0, 1,
+    acc, m_i, l_i = attend_keys(  # K/V in q's dtype: no scales (Mask stands in for their pointers)
+        acc, m_i, l_i, q, rows, seqlen_q, k_base, v_base, mask_base, Mask, alibi, Mask, Mask, lo, full_lo, full_hi,
+        hi, rows, offs_n, offs_d, dv_idx, stride_qd, stride_kd, stride_kn, stride_vn, stride_mn, 0, 0, 1, 0, 0, 0, 0,
         seqlen_q, seqlen_k, diag, window_left, window_right, sm_scale, softcap,
         HEAD_DIM, BLOCK_D, QK_CHUNKS, HEAD_DIM_V, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_KEY, HAS_SOFTCAP, NOT_PAGED,
-        INT64_INDEX, DOT_PRECISION, HAS_ALIBI)
+        INT64_INDEX, DOT_PRECISION, HAS_ALIBI, SCALE_NONE, SCALE_NONE, 1.0)
 
     out, lse = finalize(acc, m_i, l_i)
     row_ok = rows < seqlen_q
