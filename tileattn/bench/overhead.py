@@ -44,7 +44,8 @@ def _host_us(fn, device, calls) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _wall_ms(fn, device) -> float:
+def wall_ms(fn, device) -> float:
+    """Wall milliseconds of one call of ``fn``, the device synchronized before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -171,7 +172,7 @@ def measure_generate(device, progress=None, caches=("dynamic", "static")) -> lis
                 model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **options)
 
         def step_ms(_):
-            return (_wall_ms(lambda: generate(NEW_TOKENS + 1), device) - _wall_ms(lambda: generate(1), device)) / NEW_TOKENS
+            return (wall_ms(lambda: generate(NEW_TOKENS + 1), device) - wall_ms(lambda: generate(1), device)) / NEW_TOKENS
 
         def warm_up_both_lengths():  # a static cache is sized by the generated length: one compiled graph per size
             generate(NEW_TOKENS + 1)
@@ -202,7 +203,7 @@ def measure_generate(device, progress=None, caches=("dynamic", "static")) -> lis
                 model(input_ids=ids, use_cache=False)
 
         timings = interleaved_timings({impl: forward for impl in ("eager", "sdpa", "tileattn")}, 9,
-                                      time_one=lambda fn: _wall_ms(fn, device), before=lambda impl: e2e.use(model, impl))
+                                      time_one=lambda fn: wall_ms(fn, device), before=lambda impl: e2e.use(model, impl))
         for impl, t in timings.items():
             rows.append(dict(kind="prefill", batch=1, prompt=512, impl=impl, **t.fields("ms")))
     return rows

@@ -18,6 +18,7 @@ without a mask, a causal call with more keys than queries is the prefill of an e
 keys past the queries are unfilled slots, so they are cropped.
 
 Attention sinks (``s_aux``, gpt-oss) become ``sinks`` of :func:`tileattn.attention`.
+An fp8 KV cache: :class:`tileattn.integrations.transformers_fp8.FP8KVCache` as the model's cache.
 Training works as with eager attention: every backend ``auto`` picks has a backward (on CUDA the Triton
 FlashAttention backward), GQA and padded batches included.
 Not supported (clear errors): ``output_attentions=True`` (the weights are never materialized: use
@@ -52,21 +53,35 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
     # whose unfilled slots would shift a bottom-right-aligned window.
     # s_aux (gpt-oss and others): one sink logit per head in the softmax denominator.
     options = dict(scale=scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), backend=_backend)
-    q_len, kv_len = query.shape[2], key.shape[2]
+    fp8_layer = _fp8_layers.pop(id(key), None)
+    if fp8_layer is not None and fp8_layer.holds(key):  # the new tokens of a transformers_fp8.FP8KVCache layer
+        out = fp8_layer.attend(query, key, value, attention_mask, bool(is_causal), options)
+    else:
+        out = attend(query, key, value, attention_mask, bool(is_causal), options)
+    return out.transpose(1, 2).contiguous(), None
 
+
+def attend(query, key, value, attention_mask, is_causal: bool, options: dict) -> torch.Tensor:
+    """:func:`tileattn.attention` of one attention-interface call over the keys Transformers passes (the cache's
+    and the new ones) with the mask :func:`padding_mask` built: ``out [B, Hq, Sq, D_v]``."""
+    q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.dim() == 2:  # padding_mask's [B, Skv]: True = a real token
         # Read as a [B, 1, 1, Skv] broadcast view (stride 0 over heads and queries): no S x S mask exists.
         # Queries are the last q_len positions of the cache, so causality is bottom-right aligned.
         keys = attention_mask[:, None, None, :]
-        out = api.attention(query, key, value, mask=keys, causal=bool(is_causal) and q_len > 1, **options)
-    elif attention_mask is not None:
-        out = api.attention(query, key, value, mask=attention_mask[..., :kv_len], **options)
-    else:
-        causal = bool(is_causal) and q_len > 1
-        if causal and kv_len > q_len:  # empty static cache: the keys past the queries are unfilled slots
-            key, value = key[:, :, :q_len], value[:, :, :q_len]
-        out = api.attention(query, key, value, causal=causal, **options)
-    return out.transpose(1, 2).contiguous(), None
+        return api.attention(query, key, value, mask=keys, causal=is_causal and q_len > 1, **options)
+    if attention_mask is not None:
+        return api.attention(query, key, value, mask=attention_mask[..., :kv_len], **options)
+    causal = is_causal and q_len > 1
+    if causal and kv_len > q_len:  # empty static cache: the keys past the queries are unfilled slots
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    return api.attention(query, key, value, causal=causal, **options)
+
+
+# FP8KVCache layers (tileattn.integrations.transformers_fp8) whose update() handed back new tokens to attend, by the
+# id of the key tensor it returned: the attention function has no other way to reach the cache (Transformers passes
+# it what update() returned, not the cache), and the cache layer checks the tensor is the one it returned.
+_fp8_layers: dict = {}
 
 
 def padding_mask(*args, **kwargs):
