@@ -787,3 +787,32 @@ def test_flash_attn_with_kvcache_descales(paged, new):
         fa.flash_attn_with_kvcache(q, k_cache, v_cache, k.float(), v.float(), cache_seqlens=seqlens,
                                    block_table=table, k_descale=k_descale, v_descale=v_descale)
     assert torch.equal(k_cache.view(torch.uint8), mine[0].view(torch.uint8))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_a_needle_among_128k_keys_is_retrieved_as_with_bf16(granularity):
+    """One key aligned with the query among 2^17 random ones (its weight about 0.85 after the softmax): over the fp8
+    cache, split across programs, the output is the needle's value as over the bf16 cache (accumulation stays
+    fp32 across key blocks and splits, where a low-precision running sum would bury the needle)."""
+    length, d, group = 1 << 17, 128, 4
+    generator = torch.Generator(device=DEVICE).manual_seed(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE, generator=generator)
+
+    direction = torch.nn.functional.normalize(randn(d), dim=0)
+    q = (direction * d ** 0.5).expand(1, group, 1, d).to(torch.bfloat16)  # scores u . k: N(0, 1), the needle 14
+    k, v = randn(1, 1, length, d), randn(1, 1, length, d)
+    needle = int(torch.randint(length, (1,), device=DEVICE, generator=generator))
+    k[0, 0, needle] = 14 * direction
+    v[0, 0, needle] = 4 * torch.nn.functional.normalize(randn(d), dim=0) * d ** 0.5
+    k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    seqlens = torch.tensor([length], dtype=torch.int32, device=DEVICE)
+    (k8, k_scale), (v8, v_scale) = (quant.quantize_kv_cache(t, torch.float8_e4m3fn, granularity) for t in (k, v))
+    bf16 = tileattn.attention_with_kvcache(q, k, v, seqlens, num_splits=16)
+    fp8 = tileattn.attention_with_kvcache(q, k8, v8, seqlens, k_scale=k_scale, v_scale=v_scale, num_splits=16)
+    target = v[0, 0, needle].float()
+    for out in (bf16, fp8):
+        cosine = torch.nn.functional.cosine_similarity(out[0, :, 0].float(), target[None], dim=-1)
+        assert (cosine > 0.95).all(), cosine
+    assert ((fp8.float() - bf16.float()).norm() / bf16.float().norm()).item() < 0.05
