@@ -6,6 +6,7 @@ modules import tileattn. The interpreter computes bfloat16 wrongly, so bf16 runs
 
 import os
 import random
+import sys
 import tempfile
 import zlib
 
@@ -26,6 +27,7 @@ KERNEL_DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_CUDA else 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped cleanly without one)")
+    config.addinivalue_line("markers", "large_memory: allocates several GB of GPU memory (one such test at a time)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,3 +50,22 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _one_large_memory_test_at_a_time(request):
+    """GPU tests marked ``large_memory`` allocate several GB each: under pytest-xdist they take a file lock shared
+    by the workers, so one runs at a time (at ``-n 14`` on an 80 GB H100 they ran out of memory together), and
+    give their memory back after. Autouse, so the lock is held before the test's own fixtures allocate."""
+    if not (HAS_CUDA and request.node.get_closest_marker("large_memory")) or sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), "tileattn-tests-large-memory.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -295,6 +295,7 @@ def test_explicit_config_keeps_the_portable_kernel(fresh_caches):
 
 
 @needs_hopper
+@pytest.mark.large_memory
 def test_packed_kv_past_2_31():
     """K and V of 270,000 tokens of 32 heads packed per token ([1, S, 2, H, D], a fused KV projection's layout): the
     token stride is 8192 elements, so keys from 262,144 on lie past 2^31 elements (TMA coordinates per dim, 64-bit

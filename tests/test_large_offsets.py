@@ -7,7 +7,7 @@ import torch
 import tileattn
 from tileattn.reference import merge_attention, naive_attention
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.large_memory]
 
 HQ, HKV, D = 32, 8, 128
 
@@ -39,7 +39,7 @@ def assert_close(out, lse, ref_out, ref_lse):
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test, under the large-memory lock (conftest)
 def packed_kv():
     """K and V of 400,000 tokens of 32 heads packed per token ([1, S, 2, H, D], as a fused KV projection writes
     them): the token stride is 8192 elements, so keys from 262,144 on sit past 2^31 elements (the issue's case)."""
