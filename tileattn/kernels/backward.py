@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, _tanh, alibi_distance, cdiv, key_block_ranges, load_tile, mask_tensor,
+    LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, _tanh, cdiv, key_block_ranges, load_tile, mask_tensor,
     needs_int64_index, next_power_of_2, visibility,
 )
 
@@ -46,7 +46,7 @@ def _probabilities(
         s = qk * (sm_scale * LOG2E)
         factor = 1.0
     if HAS_ALIBI:  # a constant of the logits: no factor of its own in dS
-        s -= alibi * alibi_distance(query_pos + diag, key_pos)
+        s -= alibi * tl.abs(key_pos - (query_pos + diag)).to(tl.float32)
     if MASK_KIND != MASK_NONE:
         user_mask = tl.load(mask_ptrs, mask=(query_pos < seqlen_q) & (key_pos < seqlen_k), other=0)
         if MASK_KIND == MASK_ADDITIVE:

@@ -202,14 +202,6 @@ def load_key_scales(ptrs, cols, seqlen_k, CHECK_S: tl.constexpr):
 
 
 @triton.jit
-def alibi_distance(query_pos, key_pos):
-    """``|key_pos - query_pos|`` in fp32, for ALiBi: the positions (broadcastable vectors, ``[M, 1]`` and ``[1, N]``)
-    are converted before they meet, so a tile costs M + N int-to-float conversions (a quarter-rate instruction),
-    not M x N. Exact while positions stay below 2^24 (16M tokens)."""
-    return tl.abs(key_pos.to(tl.float32) - query_pos.to(tl.float32))
-
-
-@triton.jit
 def fp8_token_scales(amax, FP8_MAX: tl.constexpr):
     """:func:`tileattn.quant.amax_scale` of ``amax`` (fp32, each token's largest finite magnitude): ``amax /
     FP8_MAX`` correctly rounded, or 1.0 where that is below fp32's smallest normal (``amax`` 0 included)."""
@@ -392,7 +384,7 @@ def _attend_key_blocks(
             qk *= load_key_scales(k_scale_base + ks_offs, cols, seqlen_k, EDGE)[None, :]
         s = scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
         if HAS_ALIBI:
-            s -= alibi[:, None] * alibi_distance(q_pos[:, None] + diag, cols[None, :])
+            s -= alibi[:, None] * tl.abs(cols[None, :] - (q_pos[:, None] + diag)).to(tl.float32)
         if MASK_KIND != MASK_NONE:
             if MASK_PER_KEY:  # mask_base is one pointer: one row of BLOCK_N values serves every query row
                 user_mask = tl.load(mask_base + cols * stride_mn, mask=cols < seqlen_k, other=0)[None, :]
