@@ -1,5 +1,6 @@
 """FP8KVCache: Transformers generate() over an fp8 KV cache through attn_implementation="tileattn", on tiny models."""
 
+import gc
 import inspect
 
 import pytest
@@ -119,9 +120,9 @@ class RoundTripLayer(transformers.cache_utils.DynamicLayer):
 
 @pytest.mark.parametrize("granularity", quant.GRANULARITIES)
 def test_decode_is_exact_attention_over_what_the_cache_stores(granularity):
-    """Teacher-forced decode steps over FP8KVCache give the logits of eager attention over a cache that stores the
-    same fp8 round trip of every token (up to fp32 rounding), at every step and layer count; the fp8 rounding
-    itself is the only difference from a full-precision cache."""
+    """Teacher-forced steps over FP8KVCache, one token or a chunk of three at a time (no attention mask given),
+    give the logits of eager attention over a cache that stores the same fp8 round trip of every token (up to fp32
+    rounding), at every step; the fp8 rounding itself is the only difference from a full-precision cache."""
     config = DECODERS["llama"]()
     ours, eager = build(config, "tileattn"), build(config, "eager")
     ids = torch.randint(3, config.vocab_size, (2, 12), device=DEVICE)
@@ -131,10 +132,11 @@ def test_decode_is_exact_attention_over_what_the_cache_stores(granularity):
     tokens = ids
     with torch.no_grad():
         for step in range(12):
-            got = ours(input_ids=tokens, **{CACHE: fp8}, use_cache=True).logits[:, -1]
-            expected = eager(input_ids=tokens, **{CACHE: round_trip}, use_cache=True).logits[:, -1]
+            got = ours(input_ids=tokens, **{CACHE: fp8}, use_cache=True).logits
+            expected = eager(input_ids=tokens, **{CACHE: round_trip}, use_cache=True).logits
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
-            tokens = torch.randint(3, config.vocab_size, (2, 1), device=DEVICE)
+            tokens = torch.randint(3, config.vocab_size, (2, 3 if step % 3 == 1 else 1), device=DEVICE)
+    assert fp8.get_seq_length() == round_trip.get_seq_length()
 
 
 def test_clear_errors():
@@ -146,15 +148,25 @@ def test_clear_errors():
         FP8KVCache(model.config, granularity="row")
     with pytest.raises(ValueError, match="dtype"):
         FP8KVCache(model.config, dtype=torch.bfloat16)
-    layer = FP8KVCache(model.config).layers[0]
+    cache = FP8KVCache(model.config)
     k = torch.randn(1, 2, 3, 16, device=DEVICE)
-    layer.update(k, k)
+    cache.layers[0].update(k, k)
+    assert len(tt._fp8_layers) == 1
     with pytest.raises(RuntimeError, match="never attended by tileattn"):
-        layer.update(k, k)
+        cache.layers[0].update(k, k)
+    assert len(tt._fp8_layers) == 0  # nothing left behind by the refused call
+    cache.layers[1].update(k, k)
+    del cache
+    gc.collect()
+    assert len(tt._fp8_layers) == 0  # a dropped cache leaves no entry
     small = FP8KVCache(model.config, max_cache_len=12)
     ids = torch.randint(3, config.vocab_size, (1, 10), device=DEVICE)
     with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len=12"):
         model.generate(ids, **{CACHE: small}, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    mistral = build(DECODERS["mistral"](), "tileattn")  # its sliding window (6) is shorter than the prompt
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="sliding window"):
-        mistral(input_ids=ids, **{CACHE: FP8KVCache(mistral.config)}, use_cache=True)
+    for name in ("mistral", "gemma2", "gpt_oss"):  # sliding-window layers: refused up front, not past the window
+        with pytest.raises(ValueError, match="sliding-window"):
+            FP8KVCache(build(DECODERS[name](), "tileattn").config)
+    shared = build(config, "tileattn").config
+    shared.num_kv_shared_layers = 1  # as Gemma 3n / 4 configs say it
+    with pytest.raises(ValueError, match="num_kv_shared_layers"):
+        FP8KVCache(shared)

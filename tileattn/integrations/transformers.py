@@ -6,9 +6,9 @@
 
 :func:`register` adds the attention function to ``AttentionInterface`` and, under the same name,
 :func:`padding_mask` to ``AttentionMaskInterface``: ``None`` when the mask can be skipped (no padding;
-causality then comes from ``is_causal``); for a padded batch of a plain causal or bidirectional model the
-2-D padding mask itself, read by the kernel as a ``[B, 1, 1, Skv]`` broadcast view (no ``S x S`` mask is
-built); for other patterns (sliding windows, packed sequences, static caches) SDPA's bool
+causality then comes from ``is_causal``); for a padded batch of a plain causal or bidirectional model, or a
+chunk of several queries over a longer cache, the 2-D padding mask itself (all true without padding), read
+by the kernel as a ``[B, 1, 1, Skv]`` broadcast view (no ``S x S`` mask is built); for other patterns (sliding windows, packed sequences, static caches) SDPA's bool
 ``[B, 1, Sq, Skv]`` mask (True = attend), which holds causality, padding and windows.
 GQA K/V heads arrive unrepeated and stay so. Decode steps (one query token, padded or not) go to the
 split-KV decode kernel on CUDA, as every call with few query rows per K/V head does (``tileattn.attention``).
@@ -26,6 +26,8 @@ Not supported (clear errors): ``output_attentions=True`` (the weights are never 
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -81,30 +83,41 @@ def attend(query, key, value, attention_mask, is_causal: bool, options: dict) ->
 # FP8KVCache layers (tileattn.integrations.transformers_fp8) whose update() handed back new tokens to attend, by the
 # id of the key tensor it returned: the attention function has no other way to reach the cache (Transformers passes
 # it what update() returned, not the cache), and the cache layer checks the tensor is the one it returned.
-_fp8_layers: dict = {}
+_fp8_layers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def padding_mask(*args, **kwargs):
-    """The mask function registered for ``"tileattn"``: for a plain causal or bidirectional mask over a padded
-    batch whose 2-D mask covers exactly the keys (no cache offset, no static-cache slots), the 2-D bool mask
-    ``[B, Skv]`` itself, which the attention function reads as a broadcast view instead of an ``S x S`` mask;
-    for every other pattern (sliding windows, packed sequences, static caches, overlays) SDPA's mask."""
+    """The mask function registered for ``"tileattn"``: for a plain causal or bidirectional mask whose 2-D mask
+    covers exactly the keys (no cache offset, no static-cache slots) over a padded batch, or for several queries
+    over a longer cache, the 2-D bool mask ``[B, Skv]`` itself, which the attention function reads as a broadcast
+    view instead of an ``S x S`` mask; for every other pattern (sliding windows, packed sequences, static caches,
+    overlays) SDPA's mask."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
     mask, kv_length = kwargs.get("attention_mask"), kwargs.get("kv_length")
     plain = (not args and not torch.compiler.is_compiling() and kwargs.get("kv_offset", 0) == 0
              and kwargs.get("mask_function") in (causal_mask_function, bidirectional_mask_function)
-             and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == kv_length)
+             and (mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == kv_length))
     if plain:  # the queries must be the last keys (a growing cache), as bottom-right causality assumes
         q_offset, cache_position = kwargs.get("q_offset"), kwargs.get("cache_position")
         if isinstance(q_offset, int) and isinstance(kwargs.get("q_length"), int):  # Transformers >= 5.2x
-            end = q_offset + kwargs["q_length"]
+            q_length = kwargs["q_length"]
+            end = q_offset + q_length
         elif isinstance(cache_position, torch.Tensor) and cache_position.numel():  # earlier 5.x
-            end = int(cache_position[-1]) + 1
+            q_length, end = cache_position.numel(), int(cache_position[-1]) + 1
         else:
-            end = None
-        if end == kv_length:
-            if not bool(mask.all()):  # one device sync per forward, as sdpa_mask's own check costs
+            q_length = end = None
+        several = end == kv_length and 1 < q_length < kv_length
+        if mask is None:
+            # Several queries over a longer cache (a chunk, a second turn) without a padding mask: an all-true 2-D
+            # one, where SDPA's would be a [B, 1, Sq, Skv] causal mask (no mask here means an empty static cache).
+            device = kwargs.get("device", cache_position.device if isinstance(cache_position, torch.Tensor) else None)
+            if several and isinstance(kwargs.get("batch_size"), int) and device is not None:
+                return torch.ones(kwargs["batch_size"], kv_length, dtype=torch.bool, device=device)
+        elif end == kv_length:
+            # Several queries over a longer cache: the 2-D mask, padded or not, where SDPA's would be
+            # [B, 1, Sq, Skv]; bottom-right causality is the attention call's.
+            if several or not bool(mask.all()):  # one device sync, as sdpa_mask's own check costs
                 return mask.bool()
             # No padding: the same as no 2-D mask, which spares sdpa_mask a second sync to find that out.
             kwargs["attention_mask"] = None

@@ -10,17 +10,21 @@
 The cache stores every layer's keys and values as ``float8_e4m3fn`` (or ``float8_e5m2``) with fp32 scales (see
 :mod:`tileattn.quant`): per token and KV head (``granularity="token"``, the default: each token's own scale, set when
 it is written), per KV head or per tensor (``"head"``, ``"tensor"``: calibrated on the prompt's keys and values,
-later values beyond them saturate). Half a bf16 cache's bytes, and each decode step reads only those: the step is
-one :func:`tileattn.attention_with_kvcache` call that quantizes the new token into the cache and attends over what
-is stored (on CUDA the Triton decode kernel, one launch).
+later values beyond them saturate; calibrated over the whole batch, so a row's scale depends on the other prompts).
+Half a bf16 cache's bytes per token, and each decode step reads only those: the step is one
+:func:`tileattn.attention_with_kvcache` call that quantizes the new token into the cache and attends over what is
+stored (on CUDA the Triton decode kernel, one launch). Without ``max_cache_len`` the capacity grows by a quarter
+(at least 256 tokens) when it is full, so up to a quarter of it may be unused.
 
 Semantics: the prompt attends over its own keys and values as computed (unquantized, as serving engines prefill),
 then they are stored quantized; every later token attends over the stored cache, its own key and value included.
 A padded prompt's real tokens are stored first in each row (left or right padding alike: the 2-D attention mask
 says which), so each sequence keeps its own length and later steps need no mask. Supported: decoder models whose
-attention is causal over the whole context with a 2-D padding mask (LLaMA, Qwen, Mistral without a sliding window,
-gpt-oss sinks on full-attention layers); other mask patterns (sliding windows, packed sequences), ``crop``
-(assisted generation) and gradients are refused with a clear error.
+every layer attends causally over the whole context, each with its own keys and values (LLaMA, Qwen, Mistral
+without a sliding window; attention sinks too). Refused with a clear error: configs with sliding-window or chunked
+layers (gpt-oss, Gemma 2/3, Mistral's window) or layers that share another's KV (Gemma 3n/4), other mask patterns
+(packed sequences), ``crop`` (assisted generation) and gradients. A model that changes the keys between the
+cache's update and the attention call is not supported either (the next step raises).
 """
 
 from __future__ import annotations
@@ -56,16 +60,23 @@ class FP8KVCacheLayer(DynamicLayer):
         """Hand the new tokens back unstored: the attention call (``attn_implementation="tileattn"``) stores them
         and attends over the cache in one step."""
         if self._new is not None:
+            self._forget_new()
             raise RuntimeError("FP8KVCache: the previous tokens of this layer were never attended by tileattn (the "
-                               "model must run with attn_implementation='tileattn'; call tt.register() first)")
+                               "model must run with attn_implementation='tileattn', call tt.register() first, and "
+                               "pass the cache's keys to attention unchanged)")
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             raise RuntimeError("FP8KVCache is for inference: quantized keys carry no gradient (use torch.no_grad(), "
                                "as generate() does)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._new = (key_states, value_states)
-        integration._fp8_layers[id(key_states)] = self
+        integration._fp8_layers[id(key_states)] = self  # a weak reference: a dropped cache leaves no entry
         return key_states, value_states
+
+    def _forget_new(self):
+        if self._new is not None and integration._fp8_layers.get(id(self._new[0])) is self:
+            del integration._fp8_layers[id(self._new[0])]
+        self._new = None
 
     def holds(self, key) -> bool:
         """Whether ``key`` is the tensor this layer's last update() handed back."""
@@ -127,7 +138,7 @@ class FP8KVCacheLayer(DynamicLayer):
             return
         if self.max_cache_len is not None:
             raise ValueError(f"FP8KVCache: {needed} tokens do not fit max_cache_len={self.max_cache_len}")
-        grown = -(-max(needed, 2 * capacity) // _ROUND) * _ROUND
+        grown = -(-max(needed, capacity + max(_ROUND, capacity // 4)) // _ROUND) * _ROUND
 
         def widen(t):
             wide = torch.zeros(*t.shape[:2], grown, *t.shape[3:], dtype=t.dtype, device=t.device)
@@ -145,7 +156,8 @@ class FP8KVCacheLayer(DynamicLayer):
         return -1 if self.max_cache_len is None else self.max_cache_len
 
     def reset(self) -> None:
-        self.keys = self.values = self.lengths = self.k_scale = self.v_scale = self._new = None
+        self._forget_new()
+        self.keys = self.values = self.lengths = self.k_scale = self.v_scale = None
         self.seen, self.is_initialized = 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -183,8 +195,8 @@ class FP8KVCache(Cache):
             must be ``"tileattn"``.
         dtype: ``torch.float8_e4m3fn`` (default) or ``torch.float8_e5m2``.
         granularity: ``"token"`` (default), ``"head"`` or ``"tensor"`` (see :mod:`tileattn.quant`).
-        max_cache_len: a fixed capacity in tokens per sequence; None grows the cache as generation goes (in
-            multiples of 256 tokens, doubling).
+        max_cache_len: a fixed capacity in tokens per sequence; None grows the cache as generation goes (by a
+            quarter, at least 256 tokens, when full).
     """
 
     def __init__(self, config, dtype=torch.float8_e4m3fn, granularity="token", max_cache_len=None):
@@ -198,6 +210,17 @@ class FP8KVCache(Cache):
         if getattr(config, "_attn_implementation", None) != integration.NAME:
             raise ValueError(f"FP8KVCache needs the model loaded with attn_implementation='{integration.NAME}' "
                              f"(this one has {getattr(config, '_attn_implementation', None)!r})")
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            windowed = any(kind != "full_attention" for kind in layer_types)
+        else:
+            windowed = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+        if windowed or getattr(config, "attention_chunk_size", None):
+            raise ValueError("FP8KVCache supports models whose every layer attends over the whole context; this "
+                             "config has sliding-window or chunked attention layers: use its default cache")
+        if getattr(config, "num_kv_shared_layers", 0):
+            raise ValueError("FP8KVCache does not support layers that reuse another layer's keys and values "
+                             "(num_kv_shared_layers): use the model's default cache")
         super().__init__(layers=[FP8KVCacheLayer(dtype, granularity, max_cache_len)
                                  for _ in range(config.num_hidden_layers)])
 
