@@ -94,7 +94,7 @@ class FP8KVCacheLayer(DynamicLayer):
         if not is_causal:
             raise NotImplementedError("FP8KVCache is for causal decoders (this attention is bidirectional)")
         if self.seen == 0:
-            # The prompt: attended as computed, stored quantized afterwards (a view of what tileattn reads later).
+            # The prompt: attended over its keys as computed, then stored quantized for the steps after it.
             out = integration.attend(query, key, value, attention_mask, True, options)
             self._store_prompt(key, value, None if attention_mask is None else attention_mask.bool())
         else:
