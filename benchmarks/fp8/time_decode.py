@@ -37,6 +37,7 @@ import tileattn
 from tileattn import quant
 from tileattn.bench.decode import to_pages
 from tileattn.bench.report import environment
+from tileattn.testing import capture_graph
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(1, 4096), (8, 4096), (32, 4096), (1, 16384), (8, 16384), (32, 16384)]
@@ -59,21 +60,6 @@ class Stop(BaseException):
 
 def _stop(signum, frame):
     raise Stop()
-
-
-def capture(step):
-    """``step`` (no arguments) in a CUDA graph after warm-up calls on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    torch.cuda.synchronize()
-    return graph
 
 
 def interleaved_us(graphs: dict, rounds=ROUNDS) -> dict:
@@ -121,7 +107,7 @@ def time_contiguous(b, length, caches):
         if g != "head":
             steps[f"fp8 {g} +write"] = step_fn(q, kq, vq, before_last, k_scale=ks, v_scale=vs, k_new=k_new,
                                                v_new=v_new)
-    return interleaved_us({name: capture(step) for name, step in steps.items()})
+    return interleaved_us({name: capture_graph(step)[0] for name, step in steps.items()})
 
 
 def time_paged(b, length, caches, page_size, gen):
@@ -139,7 +125,7 @@ def time_paged(b, length, caches, page_size, gen):
         steps[f"fp8 {g} paged{page_size}"] = step_fn(q, paged_view(kq, page_size, order),
                                                      paged_view(vq, page_size, order), full, table=table,
                                                      k_scale=ks, v_scale=vs)
-    return interleaved_us({name: capture(step) for name, step in steps.items()})
+    return interleaved_us({name: capture_graph(step)[0] for name, step in steps.items()})
 
 
 def time_sweep(b, length, caches):
@@ -160,7 +146,7 @@ def time_sweep(b, length, caches):
     graphs = {}
     for name, step in steps.items():
         try:
-            graphs[name] = capture(step)
+            graphs[name] = capture_graph(step)[0]
         except Exception as exc:  # a tile Triton cannot fit (shared memory): skip it
             print(f"    {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})", flush=True)
             torch.cuda.synchronize()
