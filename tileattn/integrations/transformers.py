@@ -8,8 +8,8 @@
 :func:`padding_mask` to ``AttentionMaskInterface``: ``None`` when the mask can be skipped (no padding;
 causality then comes from ``is_causal``); for a padded batch of a plain causal or bidirectional model, or a
 chunk of several queries over a longer cache, the 2-D padding mask itself (all true without padding), read
-by the kernel as a ``[B, 1, 1, Skv]`` broadcast view (no ``S x S`` mask is built); for other patterns (sliding windows, packed sequences, static caches) SDPA's bool
-``[B, 1, Sq, Skv]`` mask (True = attend), which holds causality, padding and windows.
+by the kernel as a ``[B, 1, 1, Skv]`` broadcast view (no ``S x S`` mask is built); for other patterns
+(sliding windows, packed sequences, static caches) SDPA's bool ``[B, 1, Sq, Skv]`` mask (True = attend), which holds causality, padding and windows.
 GQA K/V heads arrive unrepeated and stay so. Decode steps (one query token, padded or not) go to the
 split-KV decode kernel on CUDA, as every call with few query rows per K/V head does (``tileattn.attention``).
 
@@ -97,7 +97,8 @@ def padding_mask(*args, **kwargs):
     mask, kv_length = kwargs.get("attention_mask"), kwargs.get("kv_length")
     plain = (not args and not torch.compiler.is_compiling() and kwargs.get("kv_offset", 0) == 0
              and kwargs.get("mask_function") in (causal_mask_function, bidirectional_mask_function)
-             and (mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == kv_length))
+             and (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == kv_length
+                  or mask is None and isinstance(kwargs.get("q_offset"), int)))  # (no sync to find the end)
     if plain:  # the queries must be the last keys (a growing cache), as bottom-right causality assumes
         q_offset, cache_position = kwargs.get("q_offset"), kwargs.get("cache_position")
         if isinstance(q_offset, int) and isinstance(kwargs.get("q_length"), int):  # Transformers >= 5.2x
@@ -111,9 +112,8 @@ def padding_mask(*args, **kwargs):
         if mask is None:
             # Several queries over a longer cache (a chunk, a second turn) without a padding mask: an all-true 2-D
             # one, where SDPA's would be a [B, 1, Sq, Skv] causal mask (no mask here means an empty static cache).
-            device = kwargs.get("device", cache_position.device if isinstance(cache_position, torch.Tensor) else None)
-            if several and isinstance(kwargs.get("batch_size"), int) and device is not None:
-                return torch.ones(kwargs["batch_size"], kv_length, dtype=torch.bool, device=device)
+            if several and isinstance(kwargs.get("batch_size"), int) and kwargs.get("device") is not None:
+                return torch.ones(kwargs["batch_size"], kv_length, dtype=torch.bool, device=kwargs["device"])
         elif end == kv_length:
             # Several queries over a longer cache: the 2-D mask, padded or not, where SDPA's would be
             # [B, 1, Sq, Skv]; bottom-right causality is the attention call's.
