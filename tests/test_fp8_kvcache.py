@@ -278,16 +278,21 @@ def test_k_and_v_may_differ_in_format_and_granularity(page_size):
                  [0, 33])
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("backend, granularity", [("torch", g) for g in GRANULARITIES]
+                         + [("triton", "head"), ("triton", "token")])
 @pytest.mark.parametrize("options", [dict(window=(20, None)), dict(softcap=3.0), dict(causal=False),
                                      dict(window=(6, 2), causal=False), "sinks", "alibi"], ids=str)
-def test_fp8_options(granularity, options):
+def test_fp8_options(backend, granularity, options):
+    """Windows, softcap, non-causal, sinks and ALiBi (per head on the PyTorch path, per batch and head on the
+    kernel's, over two key splits) over fp8 caches."""
     hq = 8
     if options == "sinks":
         options = dict(sinks=torch.randn(hq, device=DEVICE))
     elif options == "alibi":
-        options = dict(alibi_slopes=torch.rand(hq, device=DEVICE))
-    run_fp8_step("torch", (torch.float8_e4m3fn,) * 2, (granularity,) * 2, 16, True, hq // 2, 3, [30, 64], **options)
+        options = dict(alibi_slopes=torch.rand(*((2, hq) if backend == "triton" else (hq,)), device=DEVICE))
+    splits = dict(num_splits=2) if backend == "triton" else {}
+    run_fp8_step(backend, (torch.float8_e4m3fn,) * 2, (granularity,) * 2, 16, True, hq // 2, 3, [30, 64], **splits,
+                 **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -380,19 +385,6 @@ def test_triton_k_and_v_may_differ_in_format_and_granularity(page_size):
                  [3, 40])
     run_fp8_step("triton", (torch.float8_e5m2, torch.float8_e4m3fn), ("tensor", "token"), page_size, True, 2, 1,
                  [0, 33], num_splits=2)
-
-
-@pytest.mark.parametrize("granularity", ["head", "token"])
-@pytest.mark.parametrize("options", [dict(window=(20, None)), dict(softcap=3.0), dict(causal=False),
-                                     dict(window=(6, 2), causal=False), "sinks", "alibi"], ids=str)
-def test_triton_fp8_options(granularity, options):
-    hq = 8
-    if options == "sinks":
-        options = dict(sinks=torch.randn(hq, device=DEVICE))
-    elif options == "alibi":
-        options = dict(alibi_slopes=torch.rand(2, hq, device=DEVICE))
-    run_fp8_step("triton", (torch.float8_e4m3fn,) * 2, (granularity,) * 2, 16, True, hq // 2, 3, [30, 64],
-                 num_splits=2, **options)
 
 
 @pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float16], ids=str)  # bf16 on the GPU
