@@ -83,8 +83,11 @@ def test_decode_steps_store_each_new_token_and_keep_rows_independent(monkeypatch
             alone_ids = ids[row:row + 1, mask[row].bool()]
             alone = model.generate(alone_ids, **{CACHE: FP8KVCache(model.config)}, **kwargs)
             assert torch.equal(batch.sequences[row, ids.shape[1]:], alone.sequences[0, alone_ids.shape[1]:])
+            # Nearly: the batch and the row alone compute keys that differ by fp32 rounding, and where a key lies
+            # near an fp8 rounding midpoint that becomes a whole fp8 step in what is stored (~1e-3 in the logits);
+            # attending to the padding would move them by far more.
             for step_batch, step_alone in zip(batch.logits, alone.logits):
-                torch.testing.assert_close(step_batch[row], step_alone[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(step_batch[row], step_alone[0], rtol=1e-2, atol=1e-2)
         # Layer 0's keys depend only on the token and its position: Transformers' cache holds the same ones.
         dynamic = transformers.DynamicCache(config=model.config)
         full = torch.cat([mask, torch.ones_like(batch.sequences[:, ids.shape[1]:-1])], dim=1)
@@ -97,46 +100,52 @@ def test_decode_steps_store_each_new_token_and_keep_rows_independent(monkeypatch
             assert torch.equal(stored[row, :, :want.shape[1]].view(torch.uint8), want.view(torch.uint8))
 
 
-class RoundTripLayer(transformers.cache_utils.DynamicLayer):
-    """Transformers' own dynamic cache layer, storing each token as its fp8 round trip (quantized by quant's rule,
-    dequantized): the prompt attends over its keys as computed, later tokens over the stored values. What
-    FP8KVCache means, spelled out with PyTorch and eager attention."""
+class StoredLayer(transformers.cache_utils.DynamicLayer):
+    """Transformers' own dynamic cache layer that, from the second step on, attends over what an FP8KVCache layer
+    (``source``, updated by the same step of the model under test, run first) stores, dequantized with its scales:
+    the prompt attends over its keys as computed. What FP8KVCache means, spelled out with PyTorch and eager
+    attention. Taking the stored bytes rather than quantizing this model's own keys keeps the comparison at fp32
+    rounding: the two models' keys differ by that rounding, which the fp8 rounding of a value near a midpoint would
+    turn into a whole fp8 step (the bytes themselves are checked against quant's rule in the tests above)."""
 
-    def __init__(self, granularity):
+    def __init__(self, source):
         super().__init__()
-        self.granularity, self.scales = granularity, None
+        self.source = source
 
     def update(self, key_states, value_states, *args, **kwargs):
         prompt = not self.is_initialized
-        if prompt and self.granularity != "token":
-            self.scales = [quant.calibrate_scales(t, FP8, self.granularity) for t in (key_states, value_states)]
-        stored = []
-        for i, t in enumerate((key_states, value_states)):
-            scale = quant.token_scales(t, FP8) if self.granularity == "token" else self.scales[i]
-            stored.append(quant.dequantize(quant.quantize(t, scale, FP8), scale).to(t.dtype))
-        keys, values = super().update(*stored)
-        return (key_states, value_states) if prompt else (keys, values)
+        keys, values = super().update(key_states, value_states)
+        if prompt:
+            return key_states, value_states
+        src, length = self.source, keys.shape[2]
+        assert src.keys.shape[2] >= length and src.lengths.tolist() == [length] * keys.shape[0]
+
+        def stored(cache, scale):
+            scale = scale[:, :, :length] if scale.dim() == 3 else scale
+            return quant.dequantize(cache[:, :, :length], scale).to(keys.dtype)
+
+        self.keys, self.values = stored(src.keys, src.k_scale), stored(src.values, src.v_scale)
+        return self.keys, self.values
 
 
 @pytest.mark.parametrize("granularity", quant.GRANULARITIES)
 def test_decode_is_exact_attention_over_what_the_cache_stores(granularity):
     """Teacher-forced steps over FP8KVCache, one token or a chunk of three at a time (no attention mask given),
-    give the logits of eager attention over a cache that stores the same fp8 round trip of every token (up to fp32
-    rounding), at every step; the fp8 rounding itself is the only difference from a full-precision cache."""
+    give the logits of eager attention over the values the cache stores (up to fp32 rounding), at every step; the
+    prompt attends over its keys as computed."""
     config = DECODERS["llama"]()
     ours, eager = build(config, "tileattn"), build(config, "eager")
     ids = torch.randint(3, config.vocab_size, (2, 12), device=DEVICE)
     fp8 = FP8KVCache(ours.config, granularity=granularity)
-    round_trip = transformers.cache_utils.Cache(layers=[RoundTripLayer(granularity)
-                                                        for _ in range(config.num_hidden_layers)])
+    stored = transformers.cache_utils.Cache(layers=[StoredLayer(layer) for layer in fp8.layers])
     tokens = ids
     with torch.no_grad():
         for step in range(12):
             got = ours(input_ids=tokens, **{CACHE: fp8}, use_cache=True).logits
-            expected = eager(input_ids=tokens, **{CACHE: round_trip}, use_cache=True).logits
+            expected = eager(input_ids=tokens, **{CACHE: stored}, use_cache=True).logits
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
             tokens = torch.randint(3, config.vocab_size, (2, 3 if step % 3 == 1 else 1), device=DEVICE)
-    assert fp8.get_seq_length() == round_trip.get_seq_length()
+    assert fp8.get_seq_length() == stored.get_seq_length()
 
 
 def test_clear_errors():

@@ -1,6 +1,6 @@
 """Decode step time over an fp8 KV cache against the bf16 cache, on the Triton kernel (issue 16's bars), on a GPU.
 
-    PYTHONPATH=. python benchmarks/fp8/time_decode.py --out DIR [--no-paged] [--no-sweep]
+    PYTHONPATH=. python benchmarks/fp8/time_decode.py --out DIR [--no-paged] [--no-sweep | --sweep-only]
 
 One query token per sequence (Hq = 32, Hkv = 8, D = 128, bf16 q) over full caches of L tokens, B in {1, 8, 32}, L in
 {4096, 16384}. Each step is captured in a CUDA graph and timed by its replays with CUDA events, L2 flushed before
@@ -45,7 +45,10 @@ FP8 = torch.float8_e4m3fn
 GRANULARITIES = ("tensor", "head", "token")
 ROUNDS = 3
 SWEEP_SHAPES = [(1, 16384), (8, 16384), (32, 16384)]
-SWEEP_CONFIGS = [(128, 4, 3), (64, 4, 3), (128, 4, 4), (64, 4, 6), (128, 8, 3), (256, 8, 2)]
+# Stages of an fp8 tile hold half the bytes of a bf16 one: the tiles below keep as many bytes in flight per
+# program as the bf16 defaults (128 x 3, 64 x 3) with twice the keys or twice the stages, or more warps.
+SWEEP_CONFIGS = [(128, 4, 3), (64, 4, 3), (128, 4, 4), (128, 4, 6), (64, 4, 6), (256, 4, 3), (128, 8, 3),
+                 (128, 8, 4), (256, 8, 2), (256, 8, 3)]
 # Key splits per sequence beside the kernel's own choice (0): an fp8 program keeps half a bf16 one's bytes in flight,
 # so small grids may want more programs (B x Hkv = 8 and 64 programs against 132 SMs here).
 SWEEP_SPLITS = {1: (0, 32, 64), 8: (0, 4, 8), 32: (0, 2)}
@@ -130,13 +133,16 @@ def time_paged(b, length, caches, page_size, gen):
 
 def time_sweep(b, length, caches):
     """The fp8 per-token cache at each tile of :data:`SWEEP_CONFIGS` and split count of :data:`SWEEP_SPLITS`, beside
-    bf16 at the default tile."""
+    bf16 and fp8 per-tensor at the default tile."""
     from tileattn.kernels.decode import decode_attention
 
     k, v, fp8, q, _, _ = caches
     (kq, ks), (vq, vs) = fp8["token"]
     full = torch.full((b,), length, dtype=torch.int32, device="cuda")
-    steps = {"bf16 default": lambda: decode_attention(q, k, v, full, new_tokens=0, window=(-1, 0), scale=D ** -0.5)}
+    (kt, kts), (vt, vts) = fp8["tensor"]
+    steps = {"bf16 default": lambda: decode_attention(q, k, v, full, new_tokens=0, window=(-1, 0), scale=D ** -0.5),
+             "fp8 tensor default": lambda: decode_attention(q, kt, vt, full, new_tokens=0, window=(-1, 0),
+                                                            scale=D ** -0.5, k_scale=kts, v_scale=vts)}
     for config in SWEEP_CONFIGS:
         for splits in SWEEP_SPLITS.get(b, (0,)):
             name = f"fp8 token {config}" + (f" splits {splits}" if splits else "")
@@ -201,7 +207,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--no-paged", action="store_true")
-    parser.add_argument("--no-sweep", action="store_true")
+    sweep_choice = parser.add_mutually_exclusive_group()
+    sweep_choice.add_argument("--no-sweep", action="store_true")
+    sweep_choice.add_argument("--sweep-only", action="store_true", help="only the tile sweep, no bar rows")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop)
     out = Path(args.out)
@@ -211,7 +219,7 @@ def main():
     cpu_gen = torch.Generator().manual_seed(0)
     results, sweep, start = [], [], time.perf_counter()
     try:
-        for b, length in SHAPES:
+        for b, length in [] if args.sweep_only else SHAPES:
             caches = shape_caches(b, length, gen)
             us = time_contiguous(b, length, caches)
             if not args.no_paged:
