@@ -350,8 +350,11 @@ def _single_rank_equals_attention(device, dtype):
         cp.ring_attention(*leaves, **options).float().square().sum().backward()
         refs = [t.detach().requires_grad_() for t in (q, k, v)]
         tileattn.attention(*refs, **options).float().square().sum().backward()
+        # In bf16 each zigzag piece's backward takes its share of dout rounded to bf16 and gives dK/dV in bf16, then
+        # the pieces are summed: a few roundings of partials that may exceed the sum (seen on an H200: 0.031 at one
+        # dK element of ~0.88, 8 bf16 ulps, against one call).
         for name, a, b in zip("qkv", leaves, refs):
-            torch.testing.assert_close(a.grad, b.grad, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2,
+            torch.testing.assert_close(a.grad, b.grad, atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2,
                                        msg=lambda m, where=f"d{name} {options}": f"{where}: {m}")
 
 
