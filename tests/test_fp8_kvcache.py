@@ -393,6 +393,24 @@ def test_triton_fp8_cache_with_other_query_dtypes(dtype):
                  dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32], ids=str)
+def test_triton_per_token_v_scales_past_fp16s_range(dtype):
+    """The kernel takes ``P @ V`` over an fp8 V in fp16, the weights times their per-token scales included; where a
+    key tile's scales could take those past fp16's range (here scales near 1000, times the e4m3 headroom 256) it
+    takes that tile in bf16. Tiles of both kinds in one call, fp16 and bf16 q: the oracle's result, finite."""
+    fmt, lengths = torch.float8_e4m3fn, [70, 45]
+    k_cache, v_cache, k_scale, v_scale, _ = make_fp8_cache(2, 2, 32, capacity=80, fmts=(fmt, fmt),
+                                                           granularities=("token", "token"), page_size=None)
+    v_scale[:, :, :40] *= 1000
+    q = torch.randn(2, 1, 8, 32, device=DEVICE).to(dtype).transpose(1, 2)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out, lse = tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_scale=k_scale, v_scale=v_scale,
+                                               return_lse=True, backend="triton")
+    assert out.isfinite().all()
+    check_against_dequantized_oracle(out, lse, q, (k_cache, v_cache), (k_scale, v_scale), ("token", "token"),
+                                     lengths, None, causal=True)
+
+
 # Power-of-two scales (exponent ranges) at which fp8 codes stay exact in fp16 and moderate enough for fp16 products
 # with q (the naive baseline's): e5m2's codes span 2^-16 .. 2^15, more than fp16 holds, so its smallest are left out.
 EXACT_SCALE_EXPONENTS = {torch.float8_e4m3fn: (-5, -3), torch.float8_e5m2: (-11, -9)}

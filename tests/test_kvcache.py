@@ -305,6 +305,17 @@ def test_small_grids_get_the_half_tile():
     assert choose_num_splits(1, 8, 1, 16384, 132, _SMALL_GRID_CONFIG[0], paged=False) == 16
 
 
+def test_fp8_caches_get_two_programs_per_sm():
+    """An fp8 tile holds half a bf16 one's bytes: contiguous fp8 caches are split to about two programs per SM
+    (as paged caches are), but a grid already that large is not split."""
+    from tileattn.kernels.decode import _SMALL_GRID_CONFIG, choose_num_splits
+
+    assert choose_num_splits(8, 8, 1, 16384, 132, _SMALL_GRID_CONFIG[0], paged=False, fp8=True) == 4
+    assert choose_num_splits(8, 8, 1, 16384, 132, _SMALL_GRID_CONFIG[0], paged=False) == 2
+    assert choose_num_splits(1, 8, 1, 16384, 132, _SMALL_GRID_CONFIG[0], paged=False, fp8=True) == 33
+    assert choose_num_splits(32, 8, 1, 16384, 132, 128, paged=False, fp8=True) == 1
+
+
 def test_fit_config():
     from tileattn.kernels.decode import _DECODE_CONFIG, fit_config
 

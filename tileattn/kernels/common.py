@@ -39,6 +39,7 @@ SCALE_PER_PROGRAM = tl.constexpr(1)
 SCALE_PER_TOKEN = tl.constexpr(2)
 # quant.amax_scale's threshold: a computed scale below fp32's smallest normal becomes 1.0.
 SMALLEST_SCALE = tl.constexpr(quant.SMALLEST_SCALE)
+FP16_SAFE_WEIGHT = tl.constexpr(32768.0)  # weights p * scale (p <= 1) up to this stay finite in fp16 (max 65504)
 FP8_NAN_BITS = tl.constexpr(0x7F)  # the NaN torch stores for a positive NaN, in e4m3fn and e5m2 alike
 
 
@@ -202,6 +203,13 @@ def load_key_scales(ptrs, cols, seqlen_k, CHECK_S: tl.constexpr):
 
 
 @triton.jit
+def pow2_at_least(x):
+    """The least power of two >= ``x`` (fp32 scalar), and at least 1: rounds the bits' exponent up; NaN gives 1."""
+    bits = (x.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000
+    return tl.maximum(bits.to(tl.float32, bitcast=True), 1.0)
+
+
+@triton.jit
 def fp8_token_scales(amax, FP8_MAX: tl.constexpr):
     """:func:`tileattn.quant.amax_scale` of ``amax`` (fp32, each token's largest finite magnitude): ``amax /
     FP8_MAX`` correctly rounded, or 1.0 where that is below fp32's smallest normal (``amax`` 0 included)."""
@@ -332,8 +340,10 @@ def _attend_key_blocks(
     ``alibi`` (with ``HAS_ALIBI``): each row's ALiBi slope in log2 units, ``[M]``; the logit of key ``j`` loses
     ``slope * |j - (q_pos + diag)|``, its distance to the query's own position.
 
-    fp8 caches: K and V tiles of another dtype than q's (an fp8 cache) are widened to q's dtype for the dots, which
-    is exact for e4m3fn and e5m2 into fp16, bf16 and fp32. Scales one per program (``SCALE_PER_PROGRAM``) are the
+    fp8 caches: K tiles of another dtype than q's (an fp8 cache) are widened to q's dtype for ``q @ k^T``, V tiles
+    to fp16 for ``P @ V`` (the weights too) with fp16 or bf16 q, or to fp32 with fp32 q; each is exact for e4m3fn
+    and e5m2; per-token V scales that could take the weights past fp16's range are divided out of that tile's dot
+    by a power of two and multiplied back. Scales one per program (``SCALE_PER_PROGRAM``) are the
     caller's to apply: K's folded into ``sm_scale``, V's on ``acc`` after the last key. With ``K_SCALE`` or
     ``V_SCALE`` ``SCALE_PER_TOKEN`` each key's own scale is read at ``k_scale_base`` / ``v_scale_base`` (key 0 of
     this head) plus the key's offset, computed as for K (``stride_ksn`` per key, or per slot with
@@ -401,12 +411,26 @@ def _attend_key_blocks(
             s = tl.where(visible, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, EDGE or MASK_KIND != MASK_NONE)
         v = load_tile(v_base + v_offs[:, None], cols[:, None], dv_idx[None, :], seqlen_k, HEAD_DIM_V, BLOCK_DV, EDGE)
-        v = v.to(q_chunk.dtype)  # a no-op unless V is an fp8 cache
-        if V_SCALE == SCALE_PER_TOKEN:  # p @ (v * scale) = (p * scale) @ v: the [M, N] weights, not the [N, D_v] tile
-            p_v = p * (load_key_scales(v_scale_base + vs_offs, cols, seqlen_k, EDGE) * V_TOKEN_HEADROOM)[None, :]
+        if v.dtype.is_fp8() and q_chunk.dtype != tl.float32:
+            # An fp8 V tile widens to fp16 in one conversion per two values; to bf16 it takes five on Hopper (through
+            # fp16 and fp32), which bounded the step (NOTES.md, session 16). The weights go to fp16 with it, finer
+            # than bf16 over [2^-14, 1].
+            v = v.to(tl.float16)
+            if V_SCALE == SCALE_PER_TOKEN:
+                # p @ (v * scale) = (p * scale) @ v: the [M, N] weights, not the [N, D_v] tile. Where the tile's
+                # scales could take them past fp16's range, they and the accumulator are divided by a power of two
+                # for this dot and multiplied back after it, both exactly.
+                v_scales = load_key_scales(v_scale_base + vs_offs, cols, seqlen_k, EDGE) * V_TOKEN_HEADROOM
+                shrink = pow2_at_least(tl.max(v_scales) * (1.0 / FP16_SAFE_WEIGHT))
+                p_v = p * (v_scales / shrink)[None, :]
+                acc = tl.dot(p_v.to(tl.float16), v, acc * (alpha / shrink)[:, None]) * shrink
+            else:
+                acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         else:
-            p_v = p
-        acc = tl.dot(p_v.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            v = v.to(q_chunk.dtype)  # a no-op unless V is an fp8 cache (with fp32 q)
+            if V_SCALE == SCALE_PER_TOKEN:
+                p = p * (load_key_scales(v_scale_base + vs_offs, cols, seqlen_k, EDGE) * V_TOKEN_HEADROOM)[None, :]
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 

@@ -311,16 +311,20 @@ def fit_config(config, block_m: int, block_d: int, elem_size: int, masked: bool,
 
 
 def choose_num_splits(batch: int, kv_heads: int, row_blocks: int, max_keys: int, sm_count: int,
-                      block_n: int, paged: bool) -> int:
+                      block_n: int, paged: bool, fp8: bool = False) -> int:
     """Key splits per sequence, from the split sweeps on an H100 (benchmarks/NOTES.md): a contiguous cache
     streams best from few long programs (about one per two SMs with the full tile, one per SM with the
     half tile, of which two fit an SM; no split once there are that many sequences x KV heads); a paged
     cache, whose tile addresses wait on a block-table load, wants about two programs per SM and at least
     two splits to hide that latency. Rounded down, never up: a grid just past the target runs a nearly
-    empty extra wave. Never fewer than 4 key blocks per split."""
+    empty extra wave. Never fewer than 4 key blocks per split. An ``fp8`` cache's tiles hold half the bytes, so a
+    program keeps half as many in flight: contiguous ones too want about two programs per SM (NOTES.md, session 16:
+    H100, B = 8, 16k keys, half tile: 4 splits instead of 2 took the step from 1.07x to 0.75x of the bf16 one)."""
     programs = batch * kv_heads * row_blocks
     if paged:
         target, least = 2 * sm_count, 2
+    elif fp8:
+        target, least = 2 * sm_count, 1
     else:
         target, least = (sm_count if block_n <= _SMALL_GRID_CONFIG[0] else max(1, sm_count // 2)), 1
     most = max(1, max_keys // (4 * block_n))
@@ -548,7 +552,8 @@ def _prepare(q, k_cache, v_cache, out, block_table, mask, has_seqlens, k_new, v_
         None if config is None else tuple(config), alibi_slopes is not None, has_sinks, k_scale_mode, v_scale_mode,
         k_cache.dtype, v_cache.dtype)
     if num_splits <= 0:
-        num_splits = choose_num_splits(b, hkv, row_blocks * dv_blocks, capacity, sm_count, block_n, paged)
+        num_splits = choose_num_splits(b, hkv, row_blocks * dv_blocks, capacity, sm_count, block_n, paged,
+                                       fp8=k_scale_mode != SCALE_NONE.value)
     keys_per_split = cdiv(cdiv(capacity, num_splits), block_n) * block_n
     num_splits = cdiv(capacity, keys_per_split)  # no split left empty by the rounding
     lse_strides = (hq * sq, sq, 1) if return_lse else out.stride()[:3]
