@@ -421,11 +421,42 @@ def probe_prefill_host(prompt=512, rounds=7):
     AttentionMaskInterface.register("p_sdpa", timed(sdpa_mask, "mask"))
     AttentionInterface.register("p_tileattn", timed(tileattn_hf.tileattn_attention_forward, "attention"))
     AttentionMaskInterface.register("p_tileattn", timed(tileattn_hf.padding_mask, "mask"))
-    found = {"p_sdpa": [], "p_tileattn": []}
+    import tileattn.api
+    import tileattn.sdpa
+
+    # Variant: SdpaPlan calling cuDNN's kernel through its torch builtin (a C binding, no SDPA backend selection).
+    plan_run = tileattn.sdpa.SdpaPlan.run
+    runs = {"p_tileattn": plan_run}
+
+    def direct_run(self, q, k, v, mask=None):
+        if self.kernel != "sdpa_cudnn":
+            return plan_run(self, q, k, v, mask)
+        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, self.causal, False,
+                                                         scale=self.scale)[0], None
+    runs["p_tileattn_direct"] = direct_run
+    AttentionInterface.register("p_tileattn_direct", timed(tileattn_hf.tileattn_attention_forward, "attention"))
+    AttentionMaskInterface.register("p_tileattn_direct", timed(tileattn_hf.padding_mask, "mask"))
+    chosen_run = [plan_run]
+    tileattn.sdpa.SdpaPlan.run = lambda self, *a: chosen_run[0](self, *a)
+    # Inclusive host time of the functions below the attention function (module attributes, looked up per call).
+    for owner, name in ((tileattn.api, "attention"), (tileattn.api, "_prepare_attention"),
+                        (tileattn.sdpa.SdpaPlan, "run"), (torch.nn.functional, "scaled_dot_product_attention"),
+                        (torch, "_scaled_dot_product_cudnn_attention"), (torch.Tensor, "contiguous")):
+        setattr(owner, name, timed(getattr(owner, name), f"{getattr(owner, '__name__', 'Tensor')}.{name}"))
+    q = torch.randn(1, prompt, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(1, prompt, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    chosen_run[0] = direct_run
+    direct = tileattn.attention(q, k, v, causal=True)
+    chosen_run[0] = plan_run
+    print(f"prefill {prompt}: auto's choice {tileattn.explain(q, k, v, causal=True)}; direct cuDNN builtin vs "
+          f"F.sdpa max |diff| {(direct.float() - tileattn.attention(q, k, v, causal=True).float()).abs().max():.3g}, "
+          f"strides {direct.stride()}")
+    found = {"p_sdpa": [], "p_tileattn": [], "p_tileattn_direct": []}
     with torch.no_grad():
         for round_ in range(rounds + 1):
             for impl, rows in found.items():
                 model.set_attn_implementation(impl)
+                chosen_run[0] = runs.get(impl, plan_run)
                 spent.clear()
                 torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -436,10 +467,26 @@ def probe_prefill_host(prompt=512, rounds=7):
                 if round_:
                     rows.append({"wall ms": wall * 1e3, "host ms": host * 1e3,
                                  **{f"{k} us": v * 1e6 for k, v in spent.items()}})
-        print(f"prefill {prompt}, per forward (median of {rounds} interleaved rounds)")
+        print(f"prefill {prompt}, per forward (median of {rounds} interleaved rounds; us summed over the layers)")
         for impl, rows in found.items():
-            print(f"  {impl}: " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.1f}" for k in rows[0]))
+            keys = sorted({k for r in rows for k in r}, key=lambda k: ("ms" not in k, k))
+            print(f"  {impl}: " + ", ".join(f"{k} {statistics.median(r.get(k, 0.0) for r in rows):.1f}"
+                                            for k in keys))
+        calls = {"F.sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                     enable_gqa=True),
+                 "cudnn builtin": lambda: torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True,
+                                                                                    False)[0],
+                 "cudnn aten op": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False,
+                                                                                            0.0, True, False)[0]}
+        for _ in range(2):
+            for name, fn in calls.items():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                print(f"  tight loop, host us per call, {name}: {(time.perf_counter() - start) / 200 * 1e6:.1f}")
         model.set_attn_implementation("p_tileattn")
+        chosen_run[0] = plan_run
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

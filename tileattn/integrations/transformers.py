@@ -55,7 +55,7 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
     # whose unfilled slots would shift a bottom-right-aligned window.
     # s_aux (gpt-oss and others): one sink logit per head in the softmax denominator.
     options = dict(scale=scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), backend=_backend)
-    fp8_layer = _fp8_layers.pop(id(key), None)
+    fp8_layer = _fp8_layers.pop(id(key), None) if _fp8_layers else None  # (a miss would raise and catch inside)
     if fp8_layer is not None and fp8_layer.holds(key):  # the new tokens of a transformers_fp8.FP8KVCache layer
         out = fp8_layer.attend(query, key, value, attention_mask, bool(is_causal), options)
     else:
