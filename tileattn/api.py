@@ -12,7 +12,7 @@ import torch
 from . import dispatch, quant, reference
 from .cache import write_kv
 from .reference import UNBOUNDED, lse_dtype, naive_attention, tiled_attention, window_bounds
-from .sdpa import sdpa_attention, sdpa_plan
+from .sdpa import SdpaPlan, sdpa_attention
 
 MAX_HEAD_DIM_QK = 576  # DeepSeek MLA's latent cache: 512 latent + 64 rotary columns
 MAX_HEAD_DIM_V = 512
@@ -315,7 +315,7 @@ def _prepare_attention(q, k, v, causal, scale, mask, window, softcap, return_lse
                 plan = ops.attention_plan(q, k, v, decode_shaped=decode_shaped, mask=mask, scale=scale,
                                           window=window, softcap=softcap, return_lse=bool(return_lse))
             elif chosen.startswith("sdpa") and q.device.type == "cuda":
-                plan = sdpa_plan(chosen, q, k, v, causal=causal, scale=scale)
+                plan = SdpaPlan(chosen, causal, scale)
         call = _Call(scale, window, softcap, bool(return_lse), (b, hq, sq, k.shape[2]), chosen, decode_shaped, empty,
                      plan)
         if key is not None:

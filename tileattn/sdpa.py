@@ -13,12 +13,9 @@ memory: cuDNN and FlashAttention-2 on CUDA (read on torch 2.11, H200: both give 
 K/V, and ``F.scaled_dot_product_attention(..., enable_gqa=True)`` itself runs cuDNN's kernel) and the fused CPU
 kernel; the memory-efficient kernel's ATen op refuses unequal head counts.
 
-A call reaches its kernel through ``F.scaled_dot_product_attention`` itself where PyTorch picks that very kernel
-for its inputs (:class:`SdpaPlan`: its C++ dispatch costs less host time than an ATen op called from Python, 15
-against 18 us per call on the H200 host), else through the kernel's ATen op (``F.scaled_dot_product_attention``
-inside ``sdpa_kernel(...)`` costs about 10 us more per call on the context manager alone). Should a program change
-SDPA's backend flags later, ``F.scaled_dot_product_attention`` may run another of its kernels: the same attention,
-since the calls sent here are those whose meaning all of SDPA's kernels share.
+A call reaches its kernel through the kernel's torch builtin (:class:`SdpaPlan`), which costs less host time than
+``F.scaled_dot_product_attention`` (which chooses its kernel again per call; inside ``sdpa_kernel(...)`` about 10 us
+more on the context manager alone) and than the ATen op called from Python (Python dispatch first).
 
 NaN/Inf: PyTorch's fused CPU kernel does not follow IEEE arithmetic on them (measured with torch 2.13: a NaN
 query row gives a finite row when Sq < 16, a NaN in key 0 can vanish, an Inf in a key gives no NaN in
@@ -92,49 +89,40 @@ def kernel_unsupported_reason(kernel: str, q, k, v, causal: bool) -> str | None:
 
 
 class SdpaPlan(NamedTuple):
-    """SDPA's ``kernel`` for one (plain, CUDA) call signature, :func:`sdpa_plan`'s: ``run(q, k, v, mask=None)``
-    gives ``(out, None)``; ``public`` when ``F.scaled_dot_product_attention`` itself picks that kernel."""
+    """SDPA's ``kernel`` for one plain CUDA call signature (one :func:`unsupported_reason` and
+    :func:`kernel_unsupported_reason` accepted): ``run(q, k, v, mask=None)``
+    gives ``(out, None)`` for calls that need no gradient. The kernel is called through its torch builtin (a C
+    binding): ``F.scaled_dot_product_attention`` would pick the same kernel but choose it again on every call, and
+    the ATen op goes through Python dispatch first (host us per call inside a LLaMA-7B prefill forward on the
+    H100: 60 builtin, 67 F.sdpa; benchmarks/probe_host.py --prefill-host)."""
 
     kernel: str
     causal: bool
     scale: float
-    gqa: bool
-    public: bool
 
     def run(self, q, k, v, mask=None):
-        if self.public:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale,
-                                                  enable_gqa=self.gqa), None
-        return sdpa_attention(q, k, v, kernel=self.kernel, causal=self.causal, scale=self.scale), None
-
-
-_BACKEND_OF = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
-               "sdpa_efficient": "EFFICIENT_ATTENTION"}
-
-
-def sdpa_plan(kernel: str, q, k, v, *, causal: bool, scale: float) -> SdpaPlan:
-    """How to run SDPA's ``kernel`` on a plain CUDA call (one :func:`unsupported_reason` and
-    :func:`kernel_unsupported_reason` accepted) and on every later call of its signature."""
-    from torch.nn.attention import SDPBackend
-
-    gqa = q.shape[1] != k.shape[1]
-    picked = torch._fused_sdp_choice(q, k, v, None, 0.0, causal, scale=scale, enable_gqa=gqa)
-    return SdpaPlan(kernel, causal, scale, gqa, picked == getattr(SDPBackend, _BACKEND_OF[kernel]).value)
+        if self.kernel == "sdpa_cudnn":
+            return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, self.causal, False,
+                                                             scale=self.scale)[0], None
+        if self.kernel == "sdpa_flash":
+            return torch._scaled_dot_product_flash_attention(q, k, v, 0.0, self.causal, False,
+                                                             scale=self.scale)[0], None
+        return torch._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, self.causal,
+                                                             scale=self.scale)[0], None
 
 
 def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch.Tensor:
     """Run SDPA's ``kernel`` on a call :func:`unsupported_reason` accepted. Returns ``[B, H, S, D]`` (SDPA's layout;
     q's layout when a CPU call with NaN/Inf runs on the tiled path instead, see the module docstring)."""
-    aten = torch.ops.aten
     if q.device.type == "cpu":
         if not values_known_finite(q, k, v):
             return tiled_attention(q, k, v, causal=causal, scale=scale)
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[0]
+        return torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[0]
     # cuDNN's and the memory-efficient kernel's backward read the logsumexp, which they save only when asked (as
     # F.scaled_dot_product_attention asks whenever an input requires grad); FA2 always saves it.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if kernel == "sdpa_cudnn":
-        return aten._scaled_dot_product_cudnn_attention(q, k, v, None, grad, 0.0, causal, False, scale=scale)[0]
+        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, grad, 0.0, causal, False, scale=scale)[0]
     if kernel == "sdpa_flash":
-        return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
-    return aten._scaled_dot_product_efficient_attention(q, k, v, None, grad, 0.0, causal, scale=scale)[0]
+        return torch._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
+    return torch._scaled_dot_product_efficient_attention(q, k, v, None, grad, 0.0, causal, scale=scale)[0]
