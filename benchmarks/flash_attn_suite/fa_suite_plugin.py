@@ -1,6 +1,7 @@
 """pytest plugin for run.py (loaded with ``-p fa_suite_plugin``), driven by environment variables.
 
-Always: each test runs under ``torch.no_grad()`` (run.py strips the tests' backward parts, so no graph is needed).
+Unless ``FA_SUITE_GRAD`` is set (run.py --grad): each test runs under ``torch.no_grad()`` (run.py strips the
+    tests' backward parts, so no graph is needed).
 ``FA_SUITE_COLLECT=path`` (with ``FA_SUITE_GUARDS``, JSON ``{function: [python expression]}``): after collection,
     write gzipped JSON ``{function: [[node id, params, the guard that skips it or None], ...]}``, a torch dtype
     param written as ``{"torch_dtype": "float16"}``.
@@ -18,7 +19,7 @@ import torch
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_pyfunc_call(pyfuncitem):
-    with torch.no_grad():
+    with torch.set_grad_enabled(bool(os.environ.get("FA_SUITE_GRAD"))):
         yield
 
 
@@ -55,6 +56,9 @@ def _first_line(report) -> str:
 
 
 _phases = {}
+# results.jsonl key -> the line the test prints, "<label> max diff: <value>" (the d* ones only with run.py --grad)
+DIFFS = {"out_diff": "Output", "pt_diff": "Pytorch", "dq_diff": "dQ", "dk_diff": "dK", "dv_diff": "dV",
+         "dq_pt_diff": "dQ Pytorch", "dk_pt_diff": "dK Pytorch", "dv_pt_diff": "dV Pytorch"}
 
 
 def pytest_runtest_logreport(report):
@@ -76,8 +80,8 @@ def pytest_runtest_logreport(report):
     else:
         record.update(outcome="passed", reason="")
     printed = "".join(r.capstdout for r in reports)
-    for key, label in (("out_diff", "Output max diff"), ("pt_diff", "Pytorch max diff")):
-        found = re.search(label + r": (\S+)", printed)
+    for key, label in DIFFS.items():
+        found = re.search(rf"^{label} max diff: (\S+)", printed, re.MULTILINE)
         if found:
             record[key] = float(found.group(1))
     with open(path, "a") as f:

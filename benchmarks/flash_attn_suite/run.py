@@ -1,10 +1,14 @@
-"""Run flash-attn 2's own ``tests/test_flash_attn.py`` against ``tileattn.flash_attn_compat``, forward checks only.
+"""Run flash-attn 2's own ``tests/test_flash_attn.py`` against ``tileattn.flash_attn_compat``, forward checks only
+(``--grad``: forward and backward checks).
 
 flash-attn's file is not ours and is never committed: it is read from a checkout (``--flash-attn-dir``, by default
 the git-ignored ``scratch/flash-attention``), rewritten at run time (see README.md beside this file for exactly
 what changes), and run by pytest against a temporary ``flash_attn`` package whose API is tileattn's.
 
     python benchmarks/flash_attn_suite/run.py --sample 2000 --seed 0 --out OUT -- -n 8   # args after -- go to pytest
+
+``--grad`` keeps the tests' backward parts and gradient checks (no stripping, no ``torch.no_grad()``) and samples
+only the test functions that have gradient checks.
 
 Steps: collect every case of the rewritten file (cached per test file), drop the ineligible ones (dropout > 0,
 tests of flash-attn's private entry points, cases the test itself skips from its parameters alone), draw a
@@ -17,7 +21,8 @@ Writes under ``--out``:
   results.jsonl  one line per finished case (written by fa_suite_plugin.py): {"id", "outcome": "passed" | "failed" |
                  "skipped", "reason": first line of the failure or skip message (a bare "assert False" also names its
                  statement), "duration": seconds, "out_diff"/"pt_diff": the max errors the test printed (ours and
-                 PyTorch's low-precision reference, both against the fp32 reference), when it printed them}
+                 PyTorch's low-precision reference, both against the fp32 reference), when it printed them;
+                 with --grad also "dq_diff", "dk_diff", "dv_diff" and "dq_pt_diff", "dk_pt_diff", "dv_pt_diff"}
   summary.json   {"settings", "collected", "eligible", "per_function": {function: {"sampled", "passed", "failed",
                   "skipped", "not_run"}}, "failures": [{"id", "reason", "out_diff", "pt_diff"}]}
   summary.md     the per-function table, failures grouped by reason, and the failing ids
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import copy
 import gzip
 import hashlib
 import json
@@ -139,8 +145,10 @@ def _is_skip_guard(stmt) -> bool:
             and isinstance(stmt.body[0].value, ast.Call) and _dotted(stmt.body[0].value.func) == "pytest.skip")
 
 
-def rewrite(source: str, device: str):
-    """-> (module AST, notes {function: {"asserts_kept", "asserts_removed", "removed_lines", "skip_guards"}})."""
+def rewrite(source: str, device: str, grad: bool = False):
+    """-> (module AST, notes {function: {"asserts_kept", "asserts_removed", "removed_lines", "skip_guards"}}).
+    ``grad``: the backward parts stay; the notes still say what the forward-only rewrite removes (so its
+    "asserts_removed" count a function's gradient checks)."""
     tree = ast.parse(source)
     if device == "cpu":
         tree = _ToCpu().visit(tree)
@@ -158,8 +166,10 @@ def rewrite(source: str, device: str):
                 guards.append(ast.unparse(stmt.test))
             assigned |= _assigned(stmt)
         removed = []
-        fn.body = _strip_backward(fn.body, set(), removed) or [ast.Pass()]
-        kept = sum(isinstance(n, ast.Assert) for n in ast.walk(fn))
+        stripped = _strip_backward(copy.deepcopy(fn.body) if grad else fn.body, set(), removed) or [ast.Pass()]
+        kept = sum(isinstance(n, ast.Assert) for stmt in stripped for n in ast.walk(stmt))
+        if not grad:
+            fn.body = stripped
         spans = []  # the removed lines of flash-attn's file, as [first, last] ranges
         for line in sorted({i for s in removed for i in range(s.lineno, s.end_lineno + 1)}):
             if spans and line == spans[-1][1] + 1:
@@ -233,8 +243,8 @@ def write_tests(directory: Path, tree) -> None:
     (directory / TEST_FILE).write_text(ast.unparse(tree) + "\n")
 
 
-def subprocess_env(shim: Path, fa_dir: Path, work: Path, device: str) -> dict:
-    env = dict(os.environ)
+def subprocess_env(shim: Path, fa_dir: Path, work: Path, device: str, grad: bool) -> dict:
+    env = dict(os.environ, FA_SUITE_GRAD="1" if grad else "")  # the plugin's torch.no_grad() hook unless grad
     path = [str(shim), str(Path(__file__).parent), str(REPO)]  # the shim first: it shadows a real flash-attn
     if subprocess.run([sys.executable, "-c", "import einops"], capture_output=True).returncode:
         path.append(str(fa_dir / "_vendor"))  # einops, installed there by hand (see README) if the env lacks it
@@ -266,8 +276,15 @@ def collect(work: Path, tree, notes, env, target: Path) -> dict:
         return json.load(f)
 
 
-def eligible(function: str, params: dict, static_skip) -> bool:
-    return function not in EXCLUDED_FUNCTIONS and not params.get("dropout_p", 0.0) and static_skip is None
+def excluded_functions(notes: dict, grad: bool) -> dict:
+    """{function: why none of its cases is sampled}: EXCLUDED_FUNCTIONS, and with ``grad`` those with no gradient
+    checks."""
+    no_grad_checks = {f: "no gradient checks" for f, note in notes.items() if grad and not note["asserts_removed"]}
+    return no_grad_checks | EXCLUDED_FUNCTIONS
+
+
+def eligible(function: str, params: dict, static_skip, excluded: dict) -> bool:
+    return function not in excluded and not params.get("dropout_p", 0.0) and static_skip is None
 
 
 def allocate(counts: dict, n: int) -> dict:
@@ -288,8 +305,8 @@ def allocate(counts: dict, n: int) -> dict:
     return take
 
 
-def sample(functions: dict, n: int, seed: int):
-    pools = {f: sorted((c for c in cases if eligible(f, c[1], c[2])), key=lambda c: c[0])
+def sample(functions: dict, n: int, seed: int, excluded: dict):
+    pools = {f: sorted((c for c in cases if eligible(f, c[1], c[2], excluded)), key=lambda c: c[0])
              for f, cases in functions.items()}
     pools = {f: p for f, p in pools.items() if p}
     sizes = allocate({f: len(p) for f, p in pools.items()}, n)
@@ -337,7 +354,7 @@ def run_cases(work: Path, tree, cases, env, out: Path, pytest_args, budget) -> i
             return -1
 
 
-def summarize(out: Path, meta: dict) -> dict:
+def summarize(out: Path, meta: dict, excluded: dict) -> dict:
     results = read_results(out / "results.jsonl")
     per_function = {}
     for case in meta["cases"]:
@@ -351,7 +368,8 @@ def summarize(out: Path, meta: dict) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     s = meta["settings"]
-    lines = ["# flash-attn's tests/test_flash_attn.py on tileattn.flash_attn_compat (forward only)", "",
+    mode = "forward and backward" if s.get("grad") else "forward only"
+    lines = [f"# flash-attn's tests/test_flash_attn.py on tileattn.flash_attn_compat ({mode})", "",
              f"flash-attn {s['flash_attn_commit']}, device {s['device']}, sample {s['sample']} (seed {s['seed']}), "
              f"tileattn {s['tileattn_commit']}, torch {s['torch']}, triton {s['triton']}, {s['gpu']}", "",
              "| test function | collected | eligible | sampled | passed | failed | skipped | not run |",
@@ -361,7 +379,7 @@ def summarize(out: Path, meta: dict) -> dict:
         row = per_function.get(f, dict(sampled=0, passed=0, failed=0, skipped=0, not_run=0))
         cells = [meta["collected"][f], meta["eligible"].get(f, 0), *row.values()]
         totals.update(dict(zip(range(len(cells)), cells)))
-        note = f" ({EXCLUDED_FUNCTIONS[f]})" if f in EXCLUDED_FUNCTIONS else ""
+        note = f" ({excluded[f]})" if f in excluded else ""
         lines.append(f"| {f}{note} | " + " | ".join(map(str, cells)) + " |")
     lines.append("| **total** | " + " | ".join(str(totals[i]) for i in range(7)) + " |")
     if failures:
@@ -396,6 +414,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("flash-attn-suite-out"))
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--grad", action="store_true",
+                        help="keep the backward parts and gradient checks; only test functions that have them")
     parser.add_argument("--resume", action="store_true", help="keep out's sample and results; run the cases left")
     parser.add_argument("--budget", type=float, help="stop pytest after this many seconds (then --resume)")
     args, pytest_args = parser.parse_known_args(argv)
@@ -403,12 +423,13 @@ def main(argv=None):
 
     fa_dir, args.out = args.flash_attn_dir.resolve(), args.out.resolve()  # pytest runs elsewhere
     source = (fa_dir / TEST_FILE).read_text()
-    work = fa_dir / f"_work-{args.device}"  # inside the git-ignored checkout: their code, rewritten
+    work = fa_dir / f"_work-{args.device}{'-grad' * args.grad}"  # inside the git-ignored checkout: their code
     work.mkdir(exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     shim = build_workspace(fa_dir, work, args.device)
-    env = subprocess_env(shim, fa_dir, work, args.device)
-    tree, notes = rewrite(source, args.device)
+    env = subprocess_env(shim, fa_dir, work, args.device, args.grad)
+    tree, notes = rewrite(source, args.device, args.grad)
+    excluded = excluded_functions(notes, args.grad)
     (work / "rewrite-notes.json").write_text(json.dumps(notes, indent=1) + "\n")
 
     meta_path, results_path = args.out / "cases.json", args.out / "results.jsonl"
@@ -416,13 +437,16 @@ def main(argv=None):
         meta = json.loads(meta_path.read_text())
         if meta["settings"]["device"] != args.device:
             sys.exit(f"{meta_path} is a --device {meta['settings']['device']} sample: resume it with that device")
+        if meta["settings"].get("grad", False) != args.grad:
+            sys.exit(f"{meta_path} is a {'forward-only' if args.grad else '--grad'} sample: resume it "
+                     f"{'without' if args.grad else 'with'} --grad")
     else:
         key = hashlib.sha256(f"{COLLECT_VERSION}\n{source}".encode()).hexdigest()[:16]
         functions = collect(work, tree, notes, env, fa_dir / f"_collected-{key}.json.gz")
-        cases, eligible_counts = sample(functions, args.sample, args.seed)
+        cases, eligible_counts = sample(functions, args.sample, args.seed, excluded)
         commit = (fa_dir / "COMMIT").read_text().strip() if (fa_dir / "COMMIT").exists() else "unknown"
-        settings = dict(sample=args.sample, seed=args.seed, device=args.device, flash_attn_commit=commit,
-                        **versions(args.device))
+        settings = dict(sample=args.sample, seed=args.seed, device=args.device, grad=args.grad,
+                        flash_attn_commit=commit, **versions(args.device))
         meta = dict(settings=settings, collected={f: len(c) for f, c in functions.items()},
                     eligible=eligible_counts, cases=cases)
         meta_path.write_text(json.dumps(meta, indent=1) + "\n")
@@ -431,7 +455,7 @@ def main(argv=None):
     done = read_results(results_path)
     todo = [c for c in meta["cases"] if c["id"] not in done]
     code = run_cases(work, tree, todo, env, args.out, pytest_args, args.budget) if todo else 0
-    summary = summarize(args.out, meta)
+    summary = summarize(args.out, meta, excluded)
     print((args.out / "summary.md").read_text())
     if code not in (0, 1, -1):  # 1: some tests failed (recorded); other codes: pytest itself went wrong
         print(f"pytest exited with {code}; the end of {work / 'run.log'}:\n" + (work / "run.log").read_text()[-3000:])
