@@ -50,20 +50,11 @@ def tileattn_attention_forward(module, query, key, value, attention_mask, dropou
                          "set the config's attention dropout to 0 to train with it (attention_dropout, or "
                          "attention_probs_dropout_prob for BERT), or call model.eval() for inference")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-    if attention_mask is None and softcap is None and sinks is None and not _fp8_layers and _backend == "auto":
-        # The hot path (a plain prefill, an unpadded decode step), as attend() below with nothing more to pass:
-        # every keyword argument costs host time in each layer's call.
-        q_len = query.shape[2]
-        causal = bool(is_causal) and q_len > 1
-        if causal and key.shape[2] > q_len:  # empty static cache: the keys past the queries are unfilled slots
-            key, value = key[:, :, :q_len], value[:, :, :q_len]
-        return api.attention(query, key, value, causal=causal, scale=scaling).transpose(1, 2).contiguous(), None
     # Sliding windows (kwargs["sliding_window"]) are not passed on: Transformers builds them into the mask
     # whenever they matter (kv_length >= window), in absolute positions, which stay right with static caches
     # whose unfilled slots would shift a bottom-right-aligned window.
     # s_aux (gpt-oss and others): one sink logit per head in the softmax denominator.
-    options = dict(scale=scaling, softcap=softcap, sinks=sinks, backend=_backend)
+    options = dict(scale=scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), backend=_backend)
     fp8_layer = _fp8_layers.pop(id(key), None) if _fp8_layers else None  # (a miss would raise and catch inside)
     if fp8_layer is not None and fp8_layer.holds(key):  # the new tokens of a transformers_fp8.FP8KVCache layer
         out = fp8_layer.attend(query, key, value, attention_mask, bool(is_causal), options)
