@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .reference import tiled_attention, values_known_finite
 
@@ -101,14 +100,7 @@ class SdpaPlan(NamedTuple):
     scale: float
 
     def run(self, q, k, v, mask=None):
-        if self.kernel == "sdpa_cudnn":
-            return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, self.causal, False,
-                                                             scale=self.scale)[0], None
-        if self.kernel == "sdpa_flash":
-            return torch._scaled_dot_product_flash_attention(q, k, v, 0.0, self.causal, False,
-                                                             scale=self.scale)[0], None
-        return torch._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, self.causal,
-                                                             scale=self.scale)[0], None
+        return _cuda_kernel(self.kernel, q, k, v, self.causal, self.scale, save_lse=False), None
 
 
 def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch.Tensor:
@@ -121,8 +113,12 @@ def sdpa_attention(q, k, v, *, kernel: str, causal: bool, scale: float) -> torch
     # cuDNN's and the memory-efficient kernel's backward read the logsumexp, which they save only when asked (as
     # F.scaled_dot_product_attention asks whenever an input requires grad); FA2 always saves it.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _cuda_kernel(kernel, q, k, v, causal, scale, save_lse=grad)
+
+
+def _cuda_kernel(kernel, q, k, v, causal, scale, save_lse):
     if kernel == "sdpa_cudnn":
-        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, grad, 0.0, causal, False, scale=scale)[0]
+        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, save_lse, 0.0, causal, False, scale=scale)[0]
     if kernel == "sdpa_flash":
         return torch._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
-    return torch._scaled_dot_product_efficient_attention(q, k, v, None, grad, 0.0, causal, scale=scale)[0]
+    return torch._scaled_dot_product_efficient_attention(q, k, v, None, save_lse, 0.0, causal, scale=scale)[0]
