@@ -1,4 +1,4 @@
-"""The ``tileattn`` command: ``bench``, ``tune``, ``info``, ``plot``.
+"""The ``tileattn`` command: ``bench``, ``tune``, ``warmup``, ``info``, ``plot``.
 
 Every failure the user can fix (no GPU, a model too large or too slow for the device, a missing optional
 package, a file that is not a result) is one line saying so, with exit status 2; Ctrl-C ends quietly with a
@@ -131,6 +131,53 @@ def _tune(args) -> int:
     return 0
 
 
+def _warmup(args) -> int:
+    import os
+
+    from .warmup import warmup
+
+    if not torch.cuda.is_available():
+        print("tileattn warmup compiles the Triton kernels for a CUDA GPU; there is none here (on other devices "
+              "tileattn runs PyTorch code, which has nothing to compile).")
+        return 2
+    try:
+        heads, kv_heads, head_dim = _warmup_shape(args)
+        warmed = warmup(heads, kv_heads, head_dim, head_dim_v=args.head_dim_v, dtype=getattr(torch, args.dtype),
+                        batch_sizes=args.batch_sizes, prompt_lengths=args.prompt_lengths,
+                        max_new_tokens=args.max_new_tokens, paged_block_size=args.paged_block_size,
+                        backend=args.backend)
+    except ValueError as exc:
+        print(f"tileattn warmup: {exc}")
+        return 2
+    width = max(len(w.call) for w in warmed)
+    print(f"{'call':<{width}}  {'backend':<14}  {'first call':>11}  {'warm':>9}")
+    for w in warmed:
+        print(f"{w.call:<{width}}  {w.backend:<14}  {w.first_s * 1e3:8.1f} ms  {w.warm_s * 1e3:6.2f} ms")
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    print(f"Triton's compiled kernels are in {cache} (TRITON_CACHE_DIR): later processes load them instead of "
+          "compiling; run this again to see the first-call times with them cached.")
+    return 0
+
+
+def _warmup_shape(args) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` from the flags, with those not given read from ``--model``'s config."""
+    heads, kv_heads, head_dim = args.heads, args.kv_heads, args.head_dim
+    if args.model:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(args.model)
+        except (ImportError, OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the config of {args.model!r}: {exc}") from None
+        config = getattr(config, "text_config", config)  # a multimodal model's language part
+        heads = heads or config.num_attention_heads
+        kv_heads = kv_heads or getattr(config, "num_key_value_heads", None) or heads
+        head_dim = head_dim or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if not (heads and head_dim):
+        raise ValueError("give --model, or --heads and --head-dim (and --kv-heads for GQA)")
+    return heads, kv_heads or heads, head_dim
+
+
 def _plot(args) -> int:
     from .bench import plots
 
@@ -167,6 +214,20 @@ def main(argv=None) -> int:
     tune.add_argument("--out", type=Path, help="write here instead of the file backend='auto' reads (see "
                                                "`tileattn info`)")
     tune.set_defaults(func=_tune)
+    warm = sub.add_parser("warmup", help="compile the kernels a model's attention will launch, before serving")
+    warm.add_argument("--model", help="a Transformers model name or local path: heads and head dim from its config")
+    warm.add_argument("--heads", type=int, help="query heads (default: the model's)")
+    warm.add_argument("--kv-heads", type=int, help="K/V heads (default: the model's, else --heads)")
+    warm.add_argument("--head-dim", type=int, help="q/k head dim (default: the model's)")
+    warm.add_argument("--head-dim-v", type=int, help="v head dim (default: --head-dim)")
+    warm.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
+    warm.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="default: 1")
+    warm.add_argument("--prompt-lengths", type=int, nargs="+", default=[512], help="default: 512")
+    warm.add_argument("--max-new-tokens", type=int, default=256, help="decode steps after each prompt (default: "
+                                                                      "256)")
+    warm.add_argument("--paged-block-size", type=int, help="also warm decode over a paged cache of these pages")
+    warm.add_argument("--backend", default="auto", choices=("auto", "triton"), help="as the model will use it")
+    warm.set_defaults(func=_warmup)
     info = sub.add_parser("info", help="versions, device, usable backends and the calibration in use")
     info.set_defaults(func=_info)
     plot = sub.add_parser("plot", help="draw the PNG plots of results JSON files")
